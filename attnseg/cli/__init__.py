@@ -1,0 +1,1 @@
+"""Command-line entry points (``attnseg-train``, ``attnseg-test``, ``attnseg-infer``; also ``tools/*.py``)."""

@@ -1,0 +1,36 @@
+"""What every attnseg command shares: config arguments and the one-message error exit."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from attnseg.errors import AttnsegError
+
+__all__ = ["add_config_args", "run_main"]
+
+
+def add_config_args(parser: argparse.ArgumentParser, *, positional: bool = True) -> None:
+    if positional:
+        parser.add_argument("config", help="experiment config (YAML)")
+    else:
+        parser.add_argument("--config", required=True, help="experiment config (YAML)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config key, e.g. --set model.head.feature_size=24 (value parsed as YAML; repeatable)",
+    )
+
+
+def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
+    """Run ``main``; a user error prints ``error: <message>`` (no traceback) and exits with status 2."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return main(argv)
+    except AttnsegError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,520 @@
+"""Experiment configs: YAML files with ``_base_`` inheritance and dotted overrides, validated in full.
+
+A config is loaded in three steps, and nothing is built before all three succeed:
+
+1. **Merge.** ``_base_`` (a path or a list of paths, relative to the including file) is loaded first,
+   recursively; the file's own keys are deep-merged over it: mappings merge key by key, everything else
+   (lists included) is replaced. A mapping with ``_delete_: true`` replaces the inherited mapping instead
+   of merging into it.
+2. **Override.** ``--set a.b.c=VALUE`` pairs are applied in order; ``VALUE`` is parsed as YAML
+   (``24`` is an int, ``[1, 2]`` a list, ``null`` None, ``'24'`` a string).
+3. **Validate.** The merged mapping is checked against the pydantic schemas below (unknown keys are
+   refused), and every registry name and every model, dataset and loss keyword argument is checked
+   against the registered factory's signature and type hints. All problems are reported together in one
+   :class:`~attnseg.errors.ConfigError`, each with its full key path, the expected type or range, and a
+   close-match suggestion for misspelt keys and names.
+
+Nothing in a config is evaluated or imported: YAML is read with ``yaml.safe_load`` and names resolve only
+through the registries in :mod:`attnseg.registry`.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import typing
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+
+from attnseg.datasets.transforms import AugmentConfig, NormalizeConfig
+from attnseg.errors import ConfigError
+from attnseg.registry import BACKBONES, DATASETS, HEADS, LOSSES, Registry, suggest
+
+__all__ = [
+    "ExperimentConfig",
+    "load_config",
+    "load_yaml_with_bases",
+    "apply_overrides",
+    "parse_overrides",
+    "validate_config",
+    "dump_config",
+]
+
+BASE_KEY = "_base_"
+DELETE_KEY = "_delete_"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Step 1 and 2: merging files and overrides
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _read_yaml(path: Path, included_from: Path | None) -> dict[str, Any]:
+    where = f" (included from {included_from})" if included_from else ""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}{where}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read config file {path}{where}: {e}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        pos = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(f"malformed YAML in {path}{pos}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level of a config must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Merge ``override`` into a copy of ``base``: mappings key by key, everything else replaced.
+
+    A mapping in ``override`` with ``_delete_: true`` replaces the corresponding ``base`` mapping.
+    """
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict):
+            value = dict(value)
+            delete = value.pop(DELETE_KEY, False)
+            if not delete and isinstance(out.get(key), dict):
+                out[key] = deep_merge(out[key], value)
+            else:
+                out[key] = deep_merge({}, value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _strip_delete_markers(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: _strip_delete_markers(v) for k, v in data.items() if k != DELETE_KEY}
+    if isinstance(data, list):
+        return [_strip_delete_markers(v) for v in data]
+    return data
+
+
+def load_yaml_with_bases(path: str | Path, _stack: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Load ``path`` and everything it inherits through ``_base_``, merged (step 1 above)."""
+    path = Path(path).resolve()
+    if path in _stack:
+        chain = " -> ".join(str(p) for p in (*_stack, path))
+        raise ConfigError(f"circular _base_ inheritance: {chain}")
+    data = _read_yaml(path, _stack[-1] if _stack else None)
+    bases = data.pop(BASE_KEY, [])
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(f"{path}: {BASE_KEY} must be a path or a list of paths, got {bases!r}")
+    merged: dict[str, Any] = {}
+    for base in bases:
+        merged = deep_merge(merged, load_yaml_with_bases(path.parent / base, (*_stack, path)))
+    return deep_merge(merged, data)
+
+
+def parse_overrides(pairs: Iterable[str]) -> list[tuple[list[str], Any]]:
+    """Parse ``["a.b=1", ...]`` into ``[(["a", "b"], 1), ...]``; values are YAML."""
+    parsed = []
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override {pair!r} must look like 'dotted.key=value' (e.g. model.head.feature_size=24)")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {pair!r}: value is not valid YAML ({getattr(e, 'problem', e)})") from None
+        parsed.append((key.split("."), value))
+    return parsed
+
+
+def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Apply dotted ``key=value`` overrides to a copy of ``data`` (step 2 above).
+
+    Intermediate mappings are created as needed; a numeric part indexes into a list.
+    """
+    out = copy.deepcopy(data)
+    for parts, value in parse_overrides(overrides):
+        node: Any = out
+        for i, part in enumerate(parts[:-1]):
+            path = ".".join(parts[: i + 1])
+            if isinstance(node, list):
+                node = _list_item(node, part, path)
+            elif isinstance(node, dict):
+                if node.get(part) is None:
+                    node[part] = {}
+                node = node[part]
+            else:
+                raise ConfigError(f"override {'.'.join(parts)}: '{path}' is a {type(node).__name__}, not a mapping")
+        last = parts[-1]
+        if isinstance(node, list):
+            _list_item(node, last, ".".join(parts))
+            node[int(last)] = value
+        elif isinstance(node, dict):
+            if isinstance(value, dict) and isinstance(node.get(last), dict):
+                node[last] = deep_merge(node[last], value)
+            else:
+                node[last] = value
+        else:
+            raise ConfigError(f"override {'.'.join(parts)}: parent is a {type(node).__name__}, not a mapping")
+    return out
+
+
+def _list_item(node: list, part: str, path: str) -> Any:
+    if not part.lstrip("-").isdigit() or not -len(node) <= int(part) < len(node):
+        raise ConfigError(f"override {path}: index {part!r} is out of range for a list of {len(node)} items")
+    return node[int(part)]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Step 3: schemas
+# ----------------------------------------------------------------------------------------------------------
+
+
+class Strict(BaseModel):
+    """Base of every config section: unknown keys are refused."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class Component(BaseModel):
+    """A registry name plus keyword arguments for its factory (checked against the factory's signature)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str = Field(description="registered name")
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        """The keyword arguments given besides the fields this section declares."""
+        return dict(self.model_extra or {})
+
+
+class BackboneConfig(Component):
+    pretrained: str | None = Field(None, description="path of a checkpoint to load (official or attnseg format)")
+    out_indices: list[int] | None = Field(None, description="pyramid levels to use (default: all)")
+    freeze: bool = Field(False, description="freeze the backbone's weights")
+
+
+class HeadConfig(Component):
+    pass
+
+
+class ModelConfig(Strict):
+    backbone: BackboneConfig = Field(description="backbone name and keyword arguments")
+    head: HeadConfig | None = Field(None, description="segmentation head (required for segmentation)")
+    num_classes: int = Field(ge=1, le=4096, description="number of output classes (1 = binary with sigmoid)")
+    in_chans: int = Field(3, ge=1, le=64, description="input channels")
+    spatial_dims: Literal[2, 3] = Field(2, description="2 for images, 3 for volumes")
+    adapter_channels: list[int] | None = Field(None, description="1x1 projection widths per pyramid level")
+    checkpoint: str | None = Field(None, description="attnseg checkpoint of the whole model to start from")
+
+
+class DatasetConfig(Component):
+    pass
+
+
+class DataConfig(Strict):
+    dataset: DatasetConfig = Field(description="dataset name and keyword arguments (all splits)")
+    val_dataset: DatasetConfig | None = Field(None, description="another dataset for validation/test")
+    batch_size: int = Field(8, ge=1, le=65536, description="training batch size per device")
+    val_batch_size: int | None = Field(None, ge=1, le=65536, description="evaluation batch size (default: batch_size)")
+    num_workers: int = Field(0, ge=0, le=256, description="data-loader worker processes")
+    augment: AugmentConfig | None = Field(None, description="training augmentation (attnseg.datasets.transforms)")
+    normalize: NormalizeConfig | None = Field(None, description="mean/std normalisation applied to every split")
+    check_files: bool = Field(True, description="read every file once before training to report bad ones")
+
+
+class LossConfig(Component):
+    name: str = Field("dice_ce", description="registered loss name")
+
+
+class OptimizerConfig(Strict):
+    name: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0, le=10, description="base learning rate")
+    weight_decay: float = Field(0.05, ge=0, le=10)
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
+    nesterov: bool = False
+    layer_decay: float | None = Field(None, gt=0, le=1, description="layer-wise lr decay factor (backbone blocks)")
+    no_decay_norm_bias: bool = Field(True, description="no weight decay on norms, biases and position tables")
+    backbone_lr_mult: float = Field(1.0, ge=0, le=100, description="learning-rate multiplier of the backbone")
+
+
+class SchedulerConfig(Strict):
+    name: Literal["cosine", "poly", "step", "constant"] = "cosine"
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up, in optimizer steps")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="warm-up as a fraction of all steps (adds to steps)")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="final lr as a fraction of the base lr")
+    power: float = Field(0.9, gt=0, le=10, description="poly exponent")
+    milestones: list[float] = Field([0.6, 0.85], description="step: fractions of training at which lr drops")
+    gamma: float = Field(0.1, gt=0, le=1, description="step: lr factor at each milestone")
+
+
+class CheckpointConfig(Strict):
+    monitor: str | None = Field(None, description="metric for the best checkpoint (default: task's main metric)")
+    mode: Literal["max", "min"] = "max"
+    save_top_k: int = Field(1, ge=-1)
+    every_n_epochs: int = Field(1, ge=1)
+
+
+class EMAConfig(Strict):
+    enabled: bool = False
+    decay: float = Field(0.999, gt=0, lt=1)
+
+
+class TrainerConfig(Strict):
+    max_epochs: int | None = Field(10, ge=1)
+    max_steps: int = Field(-1, ge=-1, description="-1: use max_epochs")
+    precision: Literal["32", "32-true", "64-true", "bf16-mixed", "16-mixed", "bf16-true"] = "32-true"
+    accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = "auto"
+    devices: int | str | list[int] = "auto"
+    strategy: Literal["auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true", "fsdp"] = "auto"
+    num_nodes: int = Field(1, ge=1)
+    accumulate_grad_batches: int = Field(1, ge=1)
+    gradient_clip_val: float | None = Field(None, gt=0)
+    gradient_clip_algorithm: Literal["norm", "value"] = "norm"
+    deterministic: bool = False
+    check_val_every_n_epoch: int = Field(1, ge=1)
+    log_every_n_steps: int = Field(10, ge=1)
+    limit_train_batches: float | int | None = None
+    limit_val_batches: float | int | None = None
+    loggers: list[Literal["csv", "tensorboard"]] = ["csv", "tensorboard"]
+    progress_bar: Literal["rich", "tqdm", "none"] = "rich"
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    ema: EMAConfig = EMAConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _precision_as_string(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("precision"), int):
+            data = {**data, "precision": str(data["precision"])}
+        return data
+
+
+class ClassificationConfig(Strict):
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    mixup_alpha: float = Field(0.0, ge=0, description="0 disables mixup")
+    cutmix_alpha: float = Field(0.0, ge=0, description="0 disables cutmix")
+    mix_prob: float = Field(1.0, ge=0, le=1, description="probability a batch is mixed")
+
+
+class EvaluationConfig(Strict):
+    hd95: bool = Field(True, description="compute HD95 at test time")
+    include_background: bool = Field(False, description="count class 0 in the mean Dice/IoU")
+    sliding_window: bool = Field(False, description="sliding-window inference in validation and test")
+    roi_size: list[int] | None = Field(None, description="window size (default: the training crop)")
+    overlap: float = Field(0.25, ge=0, lt=1)
+    blend_mode: Literal["gaussian", "constant"] = "gaussian"
+    sw_batch_size: int = Field(4, ge=1)
+
+
+class ExperimentConfig(Strict):
+    """The whole experiment: what ``tools/train.py`` validates before anything runs."""
+
+    task: Literal["segmentation", "classification"] = "segmentation"
+    seed: int = Field(0, ge=0)
+    work_dir: str | None = Field(None, description="output folder (default: work_dirs/<config name>)")
+    model: ModelConfig
+    data: DataConfig
+    loss: LossConfig = LossConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    trainer: TrainerConfig = TrainerConfig()
+    classification: ClassificationConfig = ClassificationConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+
+    @property
+    def source(self) -> str | None:
+        return getattr(self, "_source", None)
+
+
+# Arguments that build_model / the data module / the task pass themselves; a config may not set them
+# inside a component (it would be silently overwritten), and the message says where they belong.
+_RESERVED: dict[str, dict[str, str]] = {
+    "model.backbone": {"num_classes": "model.num_classes", "in_chans": "model.in_chans",
+                       "out_indices": "model.backbone.out_indices"},
+    "model.head": {"in_channels": "(derived from the backbone)", "strides": "(derived from the backbone)",
+                   "num_classes": "model.num_classes", "spatial_dims": "model.spatial_dims",
+                   "in_chans": "model.in_chans"},
+    "data.dataset": {"split": "(set per split)", "transform": "data.augment / data.normalize"},
+    "data.val_dataset": {"split": "(set per split)", "transform": "data.augment / data.normalize"},
+    "loss": {"num_classes": "model.num_classes", "ignore_index": "the dataset's ignore_index"},
+}
+
+
+def _check_component(registry: Registry, section: str, comp: Component | None, problems: list[str]) -> None:
+    if comp is None:
+        return
+    if comp.name not in registry:
+        problems.append(f"{section}.name: '{comp.name}' is not registered{suggest(comp.name, registry.names())}")
+        return
+    params = registry.parameters(comp.name)
+    reserved = _RESERVED.get(section, {})
+    accepted = [p for p in params if p != "**" and p not in reserved]
+    hints = _type_hints(registry, comp.name)
+    for key, value in comp.kwargs.items():
+        path = f"{section}.{key}"
+        if key in reserved:
+            problems.append(f"{path}: set by attnseg, not here; use {reserved[key]}")
+            continue
+        if key not in params:
+            if "**" in params:
+                continue
+            problems.append(
+                f"{path}: unknown argument of {registry.kind} '{comp.name}'{suggest(key, accepted)}"
+                f" (accepted: {', '.join(sorted(accepted)) or 'none'})"
+            )
+            continue
+        hint = hints.get(key)
+        if hint is None:
+            continue
+        try:
+            TypeAdapter(hint).validate_python(value, strict=False)
+        except ValidationError as e:
+            detail = e.errors()[0]
+            problems.append(f"{path}: {detail['msg']} (got {value!r}; expected {_type_name(hint)})")
+        except Exception:  # noqa: BLE001 - an annotation pydantic cannot build a validator for is not checked
+            pass
+
+
+def _type_hints(registry: Registry, name: str) -> dict[str, Any]:
+    fn = registry.get(name)
+    hints: dict[str, Any] = {}
+    owner = registry._classes.get(name)  # noqa: SLF001 - same package
+    for target in ([owner.__init__] if owner is not None else []) + [fn]:
+        try:
+            hints.update(typing.get_type_hints(target))
+        except Exception:  # noqa: BLE001 - unresolvable hints are simply not type-checked
+            pass
+    hints.pop("return", None)
+    return hints
+
+
+def _type_name(hint: Any) -> str:
+    text = getattr(hint, "__name__", None) or str(hint)
+    return text.replace("typing.", "")
+
+
+def _loc_to_path(loc: Sequence[Any]) -> str:
+    parts = []
+    for item in loc:
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        elif "[" in str(item) or "-" in str(item) and not str(item).isidentifier():
+            # pydantic adds union-branch tags like 'list[int]' or 'function-after[...]': not config keys.
+            continue
+        else:
+            parts.append(("." if parts else "") + str(item))
+    return "".join(parts).replace(".[", "[")
+
+
+def _fields_at(loc: Sequence[Any]) -> list[str]:
+    """Field names of the schema that holds the key at ``loc`` (for misspelt-key suggestions)."""
+    model: Any = ExperimentConfig
+    for item in loc[:-1]:
+        field = getattr(model, "model_fields", {}).get(item)
+        if field is None:
+            return []
+        ann = field.annotation
+        for arg in typing.get_args(ann) or (ann,):
+            if isinstance(arg, type) and issubclass(arg, BaseModel):
+                model = arg
+                break
+        else:
+            return []
+    return list(getattr(model, "model_fields", {}))
+
+
+def _describe(err: dict[str, Any]) -> str:
+    loc = err["loc"]
+    path = _loc_to_path(loc)
+    if err["type"] == "extra_forbidden":
+        fields = _fields_at(loc)
+        return f"{path}: unknown key{suggest(str(loc[-1]), fields)}" + (
+            f" (allowed: {', '.join(fields)})" if fields and not suggest(str(loc[-1]), fields) else ""
+        )
+    if err["type"] == "missing":
+        return f"{path}: required key is missing"
+    got = err.get("input")
+    ctx = err.get("ctx") or {}
+    rng = ", ".join(f"{k} {v}" for k, v in ctx.items() if k in {"gt", "ge", "lt", "le", "expected"})
+    extra = f"; allowed: {rng}" if rng and "expected" not in ctx else ""
+    return f"{path}: {err['msg']} (got {got!r}{extra})"
+
+
+def validate_config(data: dict[str, Any], source: str | None = None) -> ExperimentConfig:
+    """Validate a merged config mapping; raise one :class:`ConfigError` listing every problem."""
+    data = _strip_delete_markers(data)
+    problems: list[str] = []
+    cfg: ExperimentConfig | None = None
+    try:
+        cfg = ExperimentConfig.model_validate(data)
+    except ValidationError as e:
+        for err in e.errors():
+            problems.append(_describe(err))
+    # Registry checks run even when the schema failed elsewhere, so one message lists everything.
+    raw_model = data.get("model") if isinstance(data.get("model"), dict) else {}
+    raw_data = data.get("data") if isinstance(data.get("data"), dict) else {}
+    for registry, section, raw in (
+        (BACKBONES, "model.backbone", raw_model.get("backbone")),
+        (HEADS, "model.head", raw_model.get("head")),
+        (DATASETS, "data.dataset", raw_data.get("dataset")),
+        (DATASETS, "data.val_dataset", raw_data.get("val_dataset")),
+        (LOSSES, "loss", data.get("loss", {"name": LossConfig().name})),
+    ):
+        if isinstance(raw, dict) and isinstance(raw.get("name"), str):
+            _check_component(registry, section, Component.model_validate(raw), problems)
+    if cfg is not None and cfg.task == "segmentation" and cfg.model.head is None:
+        problems.append("model.head: required key is missing (a segmentation task needs a head)")
+    if cfg is not None and cfg.trainer.max_epochs is None and cfg.trainer.max_steps < 0:
+        problems.append("trainer: set trainer.max_epochs or trainer.max_steps")
+    if problems:
+        where = f" in {source}" if source else ""
+        lines = "\n".join(f"  - {p}" for p in dict.fromkeys(problems))
+        noun = "problem" if len(problems) == 1 else "problems"
+        raise ConfigError(f"invalid config{where} ({len(dict.fromkeys(problems))} {noun}):\n{lines}")
+    assert cfg is not None
+    object.__setattr__(cfg, "_source", source)
+    return cfg
+
+
+def load_config(path: str | Path, overrides: Iterable[str] | None = None) -> ExperimentConfig:
+    """Load, merge, override and validate a config file.
+
+    Args:
+        path: YAML file; its ``_base_`` files are resolved relative to it.
+        overrides: ``"dotted.key=value"`` strings, applied after merging (values are YAML).
+
+    Returns:
+        The validated :class:`ExperimentConfig`.
+
+    Raises:
+        ConfigError: listing every problem found (missing file, malformed YAML, unknown keys, bad
+            values, unregistered names), each with its key path.
+    """
+    merged = apply_overrides(load_yaml_with_bases(path), overrides or [])
+    return validate_config(merged, source=str(path))
+
+
+def dump_config(cfg: ExperimentConfig) -> str:
+    """The validated config as YAML (defaults filled in), as ``--print-config`` shows it."""
+    data = cfg.model_dump(mode="json", exclude_none=False)
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=120)
+
+
+def signature_defaults(fn: Any) -> dict[str, Any]:
+    """Default values of ``fn``'s keyword parameters (used by docs and --print-config of components)."""
+    return {
+        p.name: p.default
+        for p in inspect.signature(fn).parameters.values()
+        if p.default is not inspect.Parameter.empty
+    }

@@ -1,0 +1,52 @@
+"""Whole-image and sliding-window prediction for 2D images and 3D volumes.
+
+Models in attnseg accept any input size at or above their minimum (a Segmentor pads and crops back), so a
+whole-image forward is always possible; the sliding window (MONAI's ``sliding_window_inference`` with
+Gaussian or constant blending) bounds memory on large images and volumes and matches how 3D models
+are trained on patches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["predict_logits", "flip_tta"]
+
+
+def predict_logits(
+    model: nn.Module | Callable[[torch.Tensor], torch.Tensor],
+    image: torch.Tensor,
+    *,
+    roi_size: Sequence[int] | None = None,
+    overlap: float = 0.25,
+    blend_mode: str = "gaussian",
+    sw_batch_size: int = 4,
+) -> torch.Tensor:
+    """Logits ``[B, C, *spatial]`` for ``image`` ``[B, in_chans, *spatial]``.
+
+    With ``roi_size`` the image is tiled into windows of that size (smaller images are padded by MONAI
+    and cropped back) with ``overlap`` and blended; without it the whole image goes through the model.
+    """
+    if roi_size is None:
+        return model(image)
+    from monai.inferers import sliding_window_inference
+
+    spatial = image.shape[2:]
+    if len(roi_size) != len(spatial):
+        raise ValueError(f"roi_size {list(roi_size)} has {len(roi_size)} axes; the input has {len(spatial)}")
+    return sliding_window_inference(
+        image, roi_size=list(roi_size), sw_batch_size=sw_batch_size, predictor=model, overlap=overlap,
+        mode=blend_mode,
+    )
+
+
+def flip_tta(predict: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor) -> torch.Tensor:
+    """Mean of softmax-free logits over the identity and each single-axis spatial flip."""
+    axes = range(2, image.ndim)
+    out = predict(image)
+    for ax in axes:
+        out = out + predict(image.flip(ax)).flip(ax)
+    return out / (1 + len(axes))

@@ -1,0 +1,264 @@
+"""From a validated config to a running Lightning fit or test: data, task, callbacks, loggers, trainer.
+
+``train(cfg)`` and ``evaluate(cfg, checkpoint)`` are what ``tools/train.py`` and ``tools/test.py`` call.
+Checkpoints are written atomically (temporary file in the same folder, fsync, rename), so a run killed at
+any moment leaves ``last.ckpt`` either the previous complete checkpoint or the new complete one, and
+``resume=True`` continues from it with the same step count, optimizer, scheduler, EMA and RNG states.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from torch.utils.data import DataLoader, Dataset
+
+from attnseg.config import ExperimentConfig
+from attnseg.errors import CheckpointError, ConfigError, DataError
+from attnseg.registry import DATASETS, LOSSES
+
+__all__ = ["build_dataset", "build_dataloader", "build_task", "build_trainer", "train", "evaluate", "work_dir_for"]
+
+log = logging.getLogger(__name__)
+
+
+# -- data ---------------------------------------------------------------------------------------------
+
+
+def build_dataset(cfg: ExperimentConfig, split: str) -> Dataset:
+    """The ``split`` ('train' | 'val' | 'test') dataset of ``cfg`` with its transform."""
+    from attnseg.datasets.transforms import build_transform
+
+    spec = cfg.data.val_dataset if split != "train" and cfg.data.val_dataset is not None else cfg.data.dataset
+    transform = build_transform(
+        cfg.data.augment if split == "train" else None, cfg.data.normalize, train=split == "train",
+        spatial_dims=cfg.model.spatial_dims, task=cfg.task,
+    )
+    try:
+        dataset = DATASETS.get(spec.name)(split=split, transform=transform, **spec.kwargs)
+    except TypeError as e:
+        raise ConfigError(f"data.dataset ({spec.name}): {e}") from None
+    if len(dataset) == 0:
+        raise DataError(f"the '{split}' split of dataset '{spec.name}' is empty")
+    _check_dataset_matches_model(cfg, dataset, split)
+    return dataset
+
+
+def _check_dataset_matches_model(cfg: ExperimentConfig, dataset: Any, split: str) -> None:
+    m = cfg.model
+    ds_classes = getattr(dataset, "num_classes", None)
+    if ds_classes is not None:
+        expected = {ds_classes} if cfg.task == "classification" else {ds_classes, 1 if ds_classes == 2 else -1}
+        if m.num_classes not in expected:
+            raise ConfigError(
+                f"model.num_classes is {m.num_classes} but the {split} dataset has {ds_classes} classes"
+                + (" (use 1 or 2 for a binary task)" if ds_classes == 2 else "")
+            )
+    ds_chans = getattr(dataset, "in_chans", None)
+    if ds_chans is not None and ds_chans != m.in_chans:
+        raise ConfigError(f"model.in_chans is {m.in_chans} but the {split} dataset gives {ds_chans}-channel images")
+    ds_dims = getattr(dataset, "spatial_dims", None)
+    if ds_dims is not None and ds_dims != m.spatial_dims:
+        raise ConfigError(f"model.spatial_dims is {m.spatial_dims} but the {split} dataset is {ds_dims}D")
+
+
+def build_dataloader(cfg: ExperimentConfig, dataset: Dataset, split: str) -> DataLoader:
+    train = split == "train"
+    batch = cfg.data.batch_size if train else (cfg.data.val_batch_size or cfg.data.batch_size)
+    generator = torch.Generator()
+    generator.manual_seed(cfg.seed)
+    return DataLoader(
+        dataset, batch_size=batch, shuffle=train, drop_last=train and len(dataset) > batch,
+        num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0, generator=generator,
+        collate_fn=_collate,
+    )
+
+
+def _collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key in samples[0]:
+        values = [s[key] for s in samples]
+        out[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
+    return out
+
+
+# -- task ---------------------------------------------------------------------------------------------
+
+
+def build_task(cfg: ExperimentConfig, dataset: Any | None = None) -> pl.LightningModule:
+    """The Lightning task for ``cfg`` with a freshly built model (and its pretrained weights)."""
+    from attnseg.engine.tasks import ClassificationTask, SegmentationTask
+    from attnseg.models.builder import build_model
+
+    model = build_model(cfg)
+    config = cfg.model_dump(mode="json")
+    class_names = getattr(dataset, "class_names", None)
+    if cfg.task == "classification":
+        return ClassificationTask(model, config, class_names=class_names)
+    ignore_index = getattr(dataset, "ignore_index", None)
+    try:
+        loss = LOSSES.get(cfg.loss.name)(num_classes=cfg.model.num_classes, ignore_index=ignore_index,
+                                         **cfg.loss.kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"loss ({cfg.loss.name}): {e}") from None
+    return SegmentationTask(model, loss, config, ignore_index=ignore_index, class_names=class_names)
+
+
+# -- trainer ------------------------------------------------------------------------------------------
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint to a temporary file beside the target, fsyncs it, then renames it into place."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict:
+        # Our own checkpoints hold only tensors and plain data, so the safe loader suffices for resume too.
+        try:
+            return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+        except FileNotFoundError:
+            raise CheckpointError(f"checkpoint not found: {path}") from None
+        except Exception as e:  # noqa: BLE001 - any unpickling failure is reported with the file name
+            raise CheckpointError(f"cannot load checkpoint {path}: {e}") from None
+
+
+def work_dir_for(cfg: ExperimentConfig) -> Path:
+    if cfg.work_dir:
+        return Path(cfg.work_dir)
+    name = Path(cfg.source).stem if cfg.source else "experiment"
+    return Path("work_dirs") / name
+
+
+def _monitor(cfg: ExperimentConfig) -> str:
+    if cfg.trainer.checkpoint.monitor:
+        return cfg.trainer.checkpoint.monitor
+    return "val/top1" if cfg.task == "classification" else "val/mDice"
+
+
+def build_trainer(cfg: ExperimentConfig, work_dir: Path, *, for_test: bool = False) -> pl.Trainer:
+    """A Lightning ``Trainer`` from ``cfg.trainer`` writing checkpoints and logs under ``work_dir``."""
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    t = cfg.trainer
+    callbacks: list[pl.Callback] = []
+    if not for_test:
+        callbacks.append(ModelCheckpoint(
+            dirpath=work_dir / "checkpoints", filename="best-{epoch:03d}", monitor=_monitor(cfg),
+            mode=t.checkpoint.mode, save_top_k=t.checkpoint.save_top_k, save_last=True,
+            every_n_epochs=t.checkpoint.every_n_epochs, auto_insert_metric_name=False,
+        ))
+    loggers: list[Any] = []
+    if "csv" in t.loggers:
+        loggers.append(CSVLogger(work_dir, name="logs", version=""))
+    if "tensorboard" in t.loggers and not for_test:
+        loggers.append(TensorBoardLogger(work_dir, name="tensorboard", version=""))
+    if loggers and not for_test:
+        callbacks.append(LearningRateMonitor(logging_interval="step"))
+    if t.ema.enabled and not for_test:
+        from lightning.pytorch.callbacks import EMAWeightAveraging
+
+        callbacks.append(EMAWeightAveraging(decay=t.ema.decay))
+    if t.progress_bar == "rich":
+        from lightning.pytorch.callbacks import RichProgressBar
+
+        callbacks.append(RichProgressBar())
+    return pl.Trainer(
+        default_root_dir=work_dir,
+        max_epochs=t.max_epochs if t.max_epochs is not None else -1,
+        max_steps=t.max_steps,
+        precision=t.precision,
+        accelerator=t.accelerator,
+        devices=t.devices,
+        strategy=t.strategy,
+        num_nodes=t.num_nodes,
+        accumulate_grad_batches=t.accumulate_grad_batches,
+        gradient_clip_val=t.gradient_clip_val,
+        gradient_clip_algorithm=t.gradient_clip_algorithm,
+        deterministic=t.deterministic,
+        check_val_every_n_epoch=t.check_val_every_n_epoch,
+        log_every_n_steps=t.log_every_n_steps,
+        limit_train_batches=t.limit_train_batches,
+        limit_val_batches=t.limit_val_batches,
+        callbacks=callbacks,
+        logger=loggers or False,
+        enable_progress_bar=t.progress_bar != "none",
+        enable_model_summary=not for_test,
+        plugins=[AtomicCheckpointIO()],
+    )
+
+
+# -- entry points -------------------------------------------------------------------------------------
+
+
+def train(cfg: ExperimentConfig, *, resume: bool = False, work_dir: Path | None = None) -> dict[str, Any]:
+    """Fit ``cfg``; with ``resume`` continue from ``<work_dir>/checkpoints/last.ckpt``.
+
+    Returns:
+        ``{"work_dir", "best_checkpoint", "last_checkpoint", "metrics"}`` (metrics: last logged values).
+    """
+    work_dir = Path(work_dir) if work_dir is not None else work_dir_for(cfg)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    train_set = build_dataset(cfg, "train")
+    val_set = build_dataset(cfg, "val")
+    if cfg.data.check_files:
+        for ds in (train_set, val_set):
+            check = getattr(ds, "check", None)
+            if check is not None:
+                check()
+    ckpt_path = None
+    if resume:
+        last = work_dir / "checkpoints" / "last.ckpt"
+        if not last.is_file():
+            raise CheckpointError(f"--resume: no checkpoint to resume from at {last}")
+        ckpt_path = str(last)
+    task = build_task(cfg, train_set)
+    trainer = build_trainer(cfg, work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    (work_dir / "config.yaml").write_text(_dump(cfg))
+    trainer.fit(task, build_dataloader(cfg, train_set, "train"), build_dataloader(cfg, val_set, "val"),
+                ckpt_path=ckpt_path, weights_only=True)
+    ckpt_cb = trainer.checkpoint_callback
+    return {
+        "work_dir": str(work_dir),
+        "best_checkpoint": getattr(ckpt_cb, "best_model_path", None),
+        "last_checkpoint": str(work_dir / "checkpoints" / "last.ckpt"),
+        "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
+        "global_step": trainer.global_step,
+    }
+
+
+def _dump(cfg: ExperimentConfig) -> str:
+    from attnseg.config import dump_config
+
+    return dump_config(cfg)
+
+
+def evaluate(cfg: ExperimentConfig, checkpoint: str | Path, *, split: str = "test") -> dict[str, Any]:
+    """Evaluate ``checkpoint`` (a training checkpoint or model weights) on ``split`` of ``cfg``'s data."""
+    from attnseg.checkpoint import load_pretrained
+
+    dataset = build_dataset(cfg, split)
+    task = build_task(cfg, dataset)
+    load_pretrained(task.model, checkpoint)
+    trainer = build_trainer(cfg, work_dir_for(cfg), for_test=True)
+    trainer.test(task, build_dataloader(cfg, dataset, split), verbose=False)
+    return dict(task.test_results)

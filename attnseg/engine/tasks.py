@@ -1,0 +1,230 @@
+"""Lightning tasks: the training, evaluation and optimisation logic around a plain ``nn.Module``.
+
+The model (a Segmentor or Classifier) knows nothing of Lightning; a task owns the loss, the metrics and
+``configure_optimizers``, and stores the validated config in its hyper-parameters so a checkpoint can
+rebuild its model without the YAML files. Nothing here assumes 2D: segmentation batches are
+``{"image": [B, C, *spatial], "mask": [B, *spatial]}`` with 2 or 3 spatial axes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from attnseg.config import EvaluationConfig, ExperimentConfig, OptimizerConfig, SchedulerConfig
+from attnseg.engine.inference import predict_logits
+from attnseg.engine.metrics import SegmentationMetrics
+from attnseg.engine.optim import build_optimizer, build_scheduler
+
+__all__ = ["SegmentationTask", "ClassificationTask"]
+
+
+class _Task(pl.LightningModule):
+    """Shared optimiser set-up and config bookkeeping."""
+
+    def __init__(self, model: nn.Module, config: dict[str, Any]) -> None:
+        super().__init__()
+        self.model = model
+        # The config (plain data) travels in every checkpoint; the model itself is in state_dict.
+        self.save_hyperparameters({"config": config})
+        self._cfg = ExperimentConfig.model_validate(config)
+
+    @property
+    def cfg(self) -> ExperimentConfig:
+        return self._cfg
+
+    def forward(self, x: torch.Tensor) -> Any:
+        return self.model(x)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        opt_cfg: OptimizerConfig = self.cfg.optimizer
+        sched_cfg: SchedulerConfig = self.cfg.scheduler
+        optimizer = build_optimizer(self.model, opt_cfg)
+        total = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else 1
+        if not math.isfinite(total) or total <= 0:
+            total = 1
+        scheduler = build_scheduler(optimizer, sched_cfg, total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class SegmentationTask(_Task):
+    """Segmentation training and evaluation (2D or 3D).
+
+    Args:
+        model: a module mapping ``[B, in_chans, *spatial]`` to logits ``[B, C, *spatial]`` with a
+            ``postprocess(logits) -> labels`` method (Segmentor).
+        loss: module ``loss(logits, target) -> scalar``.
+        config: the validated experiment config as plain data (``ExperimentConfig.model_dump()``).
+        ignore_index: reference value excluded from loss and metrics.
+        class_names: names for per-class metric keys.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss: nn.Module,
+        config: dict[str, Any],
+        ignore_index: int | None = None,
+        class_names: list[str] | None = None,
+    ) -> None:
+        super().__init__(model, config)
+        self.loss_fn = loss
+        self.num_classes = self.cfg.model.num_classes
+        self.ignore_index = ignore_index
+        n_labels = max(self.num_classes, 2)
+        self.class_names = list(class_names) if class_names else [str(i) for i in range(n_labels)]
+        ev: EvaluationConfig = self.cfg.evaluation
+        self.val_metrics = SegmentationMetrics(self.num_classes, ignore_index, ev.include_background)
+        self.test_metrics = SegmentationMetrics(self.num_classes, ignore_index, ev.include_background, hd95=ev.hd95)
+        self.test_results: dict[str, Any] = {}
+
+    # -- helpers -------------------------------------------------------------------------------------
+    def _predict(self, image: torch.Tensor) -> torch.Tensor:
+        ev = self.cfg.evaluation
+        if not ev.sliding_window:
+            return self.model(image)
+        roi = ev.roi_size or (self.cfg.data.augment.crop_size if self.cfg.data.augment else None)
+        return predict_logits(self.model, image, roi_size=roi, overlap=ev.overlap, blend_mode=ev.blend_mode,
+                              sw_batch_size=ev.sw_batch_size)
+
+    def _postprocess(self, logits: torch.Tensor) -> torch.Tensor:
+        post = getattr(self.model, "postprocess", None)
+        if post is not None:
+            return post(logits)
+        return (logits[:, 0] > 0).long() if logits.shape[1] == 1 else logits.argmax(1)
+
+    # -- steps ---------------------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        logits = self.model(batch["image"])
+        loss = self.loss_fn(logits, batch["mask"])
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=batch["image"].shape[0],
+                 sync_dist=True)
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self.val_metrics.reset()
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        logits = self._predict(batch["image"])
+        loss = self.loss_fn(logits, batch["mask"])
+        self.log("val/loss", loss, on_epoch=True, batch_size=batch["image"].shape[0], sync_dist=True)
+        self.val_metrics.update(self._postprocess(logits), batch["mask"])
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics("val", self.val_metrics.compute())
+
+    def on_test_epoch_start(self) -> None:
+        self.test_metrics.reset()
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        logits = self._predict(batch["image"])
+        self.test_metrics.update(self._postprocess(logits), batch["mask"])
+
+    def on_test_epoch_end(self) -> None:
+        results = self.test_metrics.compute()
+        self.test_results = {"class_names": self.class_names, **results}
+        self._log_metrics("test", results)
+
+    def _log_metrics(self, split: str, results: dict[str, Any]) -> None:
+        scalars: dict[str, float] = {}
+        for key, value in results.items():
+            if isinstance(value, list):
+                for name, v in zip(self.class_names, value):
+                    if not math.isnan(v):
+                        scalars[f"{split}/{key}_{name}"] = v
+            elif not math.isnan(value):
+                scalars[f"{split}/{key}"] = value
+        # Keys are always present so checkpoint monitoring never misses its metric.
+        scalars.setdefault(f"{split}/mDice", 0.0)
+        self.log_dict(scalars, prog_bar=False, sync_dist=True)
+        self.log(f"{split}/mDice", scalars[f"{split}/mDice"], prog_bar=True, sync_dist=True)
+
+
+class ClassificationTask(_Task):
+    """Image classification: cross-entropy with label smoothing, optional mixup/cutmix, top-1/top-5."""
+
+    def __init__(self, model: nn.Module, config: dict[str, Any], class_names: list[str] | None = None) -> None:
+        super().__init__(model, config)
+        self.num_classes = self.cfg.model.num_classes
+        self.class_names = class_names
+        self._val_correct = torch.zeros(2)
+        self._val_count = 0
+        self.test_results: dict[str, Any] = {}
+
+    def _mix(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mixup or cutmix (chosen at random when both are on); returns images and soft targets."""
+        c = self.cfg.classification
+        targets = F.one_hot(labels, self.num_classes).float()
+        use_mixup, use_cutmix = c.mixup_alpha > 0, c.cutmix_alpha > 0
+        if not (use_mixup or use_cutmix) or torch.rand(()) > c.mix_prob:
+            return images, targets
+        cutmix = use_cutmix and (not use_mixup or bool(torch.rand(()) < 0.5))
+        alpha = c.cutmix_alpha if cutmix else c.mixup_alpha
+        lam = float(torch.distributions.Beta(alpha, alpha).sample())
+        perm = torch.randperm(images.shape[0], device=images.device)
+        if cutmix:
+            h, w = images.shape[-2:]
+            cut = math.sqrt(1 - lam)
+            ch, cw = int(h * cut), int(w * cut)
+            cy, cx = int(torch.randint(h, ())), int(torch.randint(w, ()))
+            y0, y1 = max(cy - ch // 2, 0), min(cy + ch // 2, h)
+            x0, x1 = max(cx - cw // 2, 0), min(cx + cw // 2, w)
+            images = images.clone()
+            images[..., y0:y1, x0:x1] = images[perm][..., y0:y1, x0:x1]
+            lam = 1 - (y1 - y0) * (x1 - x0) / (h * w)
+        else:
+            images = lam * images + (1 - lam) * images[perm]
+        return images, lam * targets + (1 - lam) * targets[perm]
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        images, targets = self._mix(batch["image"], batch["label"])
+        logits = self.model(images)
+        loss = F.cross_entropy(logits, targets, label_smoothing=self.cfg.classification.label_smoothing)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=images.shape[0],
+                 sync_dist=True)
+        return loss
+
+    def _accumulate(self, batch: dict[str, Any]) -> torch.Tensor:
+        logits = self.model(batch["image"])
+        labels = batch["label"]
+        k = min(5, logits.shape[1])
+        topk = logits.topk(k, dim=1).indices
+        hit = topk == labels[:, None]
+        self._val_correct += torch.stack([hit[:, 0].sum(), hit.any(1).sum()]).float().cpu()
+        self._val_count += labels.numel()
+        return F.cross_entropy(logits, labels)
+
+    def _reset(self) -> None:
+        self._val_correct = torch.zeros(2)
+        self._val_count = 0
+
+    def _summary(self) -> dict[str, float]:
+        n = max(self._val_count, 1)
+        return {"top1": float(self._val_correct[0] / n), "top5": float(self._val_correct[1] / n)}
+
+    def on_validation_epoch_start(self) -> None:
+        self._reset()
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        loss = self._accumulate(batch)
+        self.log("val/loss", loss, on_epoch=True, batch_size=batch["image"].shape[0], sync_dist=True)
+
+    def on_validation_epoch_end(self) -> None:
+        s = self._summary()
+        self.log_dict({"val/top1": s["top1"], "val/top5": s["top5"]}, prog_bar=True, sync_dist=True)
+
+    def on_test_epoch_start(self) -> None:
+        self._reset()
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._accumulate(batch)
+
+    def on_test_epoch_end(self) -> None:
+        self.test_results = self._summary()
+        self.log_dict({"test/top1": self.test_results["top1"], "test/top5": self.test_results["top5"]},
+                      sync_dist=True)
