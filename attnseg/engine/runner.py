@@ -11,13 +11,14 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from attnseg.config import ExperimentConfig
 from attnseg.errors import CheckpointError, ConfigError, DataError
@@ -68,15 +69,38 @@ def _check_dataset_matches_model(cfg: ExperimentConfig, dataset: Any, split: str
         raise ConfigError(f"model.spatial_dims is {m.spatial_dims} but the {split} dataset is {ds_dims}D")
 
 
+class EpochSeededSampler(Sampler[int]):
+    """A random permutation per epoch drawn from ``(seed, epoch)`` alone.
+
+    Lightning calls ``set_epoch`` before every epoch, so the order of epoch ``e`` is the same in an
+    uninterrupted run and in one resumed from a checkpoint (a sampler with a running generator would
+    replay epoch 0's order after a resume).
+    """
+
+    def __init__(self, length: int, seed: int) -> None:
+        self.length = length
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator()
+        g.manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.length, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.length
+
+
 def build_dataloader(cfg: ExperimentConfig, dataset: Dataset, split: str) -> DataLoader:
     train = split == "train"
     batch = cfg.data.batch_size if train else (cfg.data.val_batch_size or cfg.data.batch_size)
-    generator = torch.Generator()
-    generator.manual_seed(cfg.seed)
     return DataLoader(
-        dataset, batch_size=batch, shuffle=train, drop_last=train and len(dataset) > batch,
-        num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0, generator=generator,
-        collate_fn=_collate,
+        dataset, batch_size=batch, sampler=EpochSeededSampler(len(dataset), cfg.seed) if train else None,
+        drop_last=train and len(dataset) > batch, num_workers=cfg.data.num_workers,
+        persistent_workers=cfg.data.num_workers > 0, collate_fn=_collate,
     )
 
 

@@ -9,9 +9,11 @@ rebuild its model without the YAML files. Nothing here assumes 2D: segmentation 
 from __future__ import annotations
 
 import math
+import random
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -40,6 +42,26 @@ class _Task(pl.LightningModule):
 
     def forward(self, x: torch.Tensor) -> Any:
         return self.model(x)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # RNG states (as tensors and plain data, so the checkpoint stays loadable with weights_only=True):
+        # a resumed run draws the same augmentations and dropout masks as an uninterrupted one.
+        np_state = np.random.get_state()
+        checkpoint["attnseg_rng"] = {
+            "torch": torch.get_rng_state(),
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+            "python": random.getstate(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("attnseg_rng")
+        if state is None:
+            return
+        torch.set_rng_state(state["torch"])
+        kind, keys, *rest = state["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
 
     def configure_optimizers(self) -> dict[str, Any]:
         opt_cfg: OptimizerConfig = self.cfg.optimizer
