@@ -1,0 +1,3 @@
+"""Segmentation heads; importing this package registers them in ``HEADS``."""
+
+from attnseg.heads import unetr  # noqa: F401
