@@ -177,13 +177,14 @@ def _monitor(cfg: ExperimentConfig) -> str:
     return "val/top1" if cfg.task == "classification" else "val/mDice"
 
 
-def build_trainer(cfg: ExperimentConfig, work_dir: Path, *, for_test: bool = False) -> pl.Trainer:
+def build_trainer(cfg: ExperimentConfig, work_dir: Path, *, for_test: bool = False,
+                  callbacks: list[pl.Callback] | None = None) -> pl.Trainer:
     """A Lightning ``Trainer`` from ``cfg.trainer`` writing checkpoints and logs under ``work_dir``."""
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
     t = cfg.trainer
-    callbacks: list[pl.Callback] = []
+    callbacks = list(callbacks or [])
     if not for_test:
         callbacks.append(ModelCheckpoint(
             dirpath=work_dir / "checkpoints", filename="best-{epoch:03d}", monitor=_monitor(cfg),
@@ -233,8 +234,11 @@ def build_trainer(cfg: ExperimentConfig, work_dir: Path, *, for_test: bool = Fal
 # -- entry points -------------------------------------------------------------------------------------
 
 
-def train(cfg: ExperimentConfig, *, resume: bool = False, work_dir: Path | None = None) -> dict[str, Any]:
+def train(cfg: ExperimentConfig, *, resume: bool = False, work_dir: Path | None = None,
+          callbacks: list[pl.Callback] | None = None) -> dict[str, Any]:
     """Fit ``cfg``; with ``resume`` continue from ``<work_dir>/checkpoints/last.ckpt``.
+
+    ``callbacks`` are added to the ones the config asks for.
 
     Returns:
         ``{"work_dir", "best_checkpoint", "last_checkpoint", "metrics"}`` (metrics: last logged values).
@@ -255,7 +259,7 @@ def train(cfg: ExperimentConfig, *, resume: bool = False, work_dir: Path | None 
             raise CheckpointError(f"--resume: no checkpoint to resume from at {last}")
         ckpt_path = str(last)
     task = build_task(cfg, train_set)
-    trainer = build_trainer(cfg, work_dir)
+    trainer = build_trainer(cfg, work_dir, callbacks=callbacks)
     work_dir.mkdir(parents=True, exist_ok=True)
     (work_dir / "config.yaml").write_text(_dump(cfg))
     trainer.fit(task, build_dataloader(cfg, train_set, "train"), build_dataloader(cfg, val_set, "val"),

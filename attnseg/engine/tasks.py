@@ -162,9 +162,9 @@ class SegmentationTask(_Task):
             elif not math.isnan(value):
                 scalars[f"{split}/{key}"] = value
         # Keys are always present so checkpoint monitoring never misses its metric.
-        scalars.setdefault(f"{split}/mDice", 0.0)
+        main = scalars.pop(f"{split}/mDice", 0.0)
         self.log_dict(scalars, prog_bar=False, sync_dist=True)
-        self.log(f"{split}/mDice", scalars[f"{split}/mDice"], prog_bar=True, sync_dist=True)
+        self.log(f"{split}/mDice", main, prog_bar=True, sync_dist=True)
 
 
 class ClassificationTask(_Task):

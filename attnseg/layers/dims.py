@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from torch import nn
 
 from attnseg.registry import suggest
@@ -26,6 +28,28 @@ def conv_transpose_type(spatial_dims: int) -> type[nn.Module]:
     return (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)[spatial_dims - 1]
 
 
+class _SingleElementSafe:
+    """InstanceNorm that accepts maps with one spatial element (the deepest level of a small crop).
+
+    PyTorch refuses those in training; the normalised value of a single element is 0 (then the affine
+    bias), which is what this returns, so small inputs train instead of failing as in MONAI.
+    """
+
+    def forward(self, x):  # type: ignore[no-untyped-def]
+        if x[0, 0].numel() == 1:
+            out = x - x
+            if self.affine:
+                out = out + self.bias.view(1, -1, *([1] * (x.ndim - 2)))
+            return out
+        return super().forward(x)
+
+
+@functools.lru_cache(maxsize=None)
+def _instance_norm(spatial_dims: int) -> type[nn.Module]:
+    base = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)[spatial_dims - 1]
+    return type(base.__name__, (_SingleElementSafe, base), {})
+
+
 def norm_layer(name: str, spatial_dims: int, channels: int, num_groups: int = 8) -> nn.Module:
     """A normalisation layer by name for channels-first maps.
 
@@ -35,9 +59,9 @@ def norm_layer(name: str, spatial_dims: int, channels: int, num_groups: int = 8)
     """
     _check_dims(spatial_dims)
     if name == "instance":
-        return (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)[spatial_dims - 1](channels)
+        return _instance_norm(spatial_dims)(channels)
     if name == "instance_affine":
-        return (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)[spatial_dims - 1](channels, affine=True)
+        return _instance_norm(spatial_dims)(channels, affine=True)
     if name == "batch":
         return (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)[spatial_dims - 1](channels)
     if name == "group":

@@ -1,5 +1,6 @@
 """End-to-end training on tiny synthetic data: a few steps, resume, determinism."""
 
+import lightning.pytorch as pl
 import pytest
 import torch
 
@@ -48,9 +49,21 @@ def test_two_seeded_runs_give_identical_weights(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+class StopAfterEpoch(pl.Callback):
+    """Interrupts a run after ``epoch`` epochs, as a crash or a time limit would (after the checkpoint)."""
+
+    def __init__(self, epoch):
+        self.epoch = epoch
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch + 1 >= self.epoch:
+            trainer.should_stop = True
+
+
 def test_resume_continues_steps_optimizer_and_schedule_exactly(tmp_path):
     straight = _weights(train(tiny_config(tmp_path / "straight", max_epochs=4))["last_checkpoint"])
-    train(tiny_config(tmp_path / "resumed", max_epochs=2))
+    first = train(tiny_config(tmp_path / "resumed", max_epochs=4), callbacks=[StopAfterEpoch(2)])
+    assert first["global_step"] == 4
     resumed = _weights(train(tiny_config(tmp_path / "resumed", max_epochs=4), resume=True)["last_checkpoint"])
     assert resumed["global_step"] == straight["global_step"] == 8
     assert resumed["epoch"] == straight["epoch"]
