@@ -464,15 +464,19 @@ def validate_config(data: dict[str, Any], source: str | None = None) -> Experime
     # Registry checks run even when the schema failed elsewhere, so one message lists everything.
     raw_model = data.get("model") if isinstance(data.get("model"), dict) else {}
     raw_data = data.get("data") if isinstance(data.get("data"), dict) else {}
-    for registry, section, raw in (
-        (BACKBONES, "model.backbone", raw_model.get("backbone")),
-        (HEADS, "model.head", raw_model.get("head")),
-        (DATASETS, "data.dataset", raw_data.get("dataset")),
-        (DATASETS, "data.val_dataset", raw_data.get("val_dataset")),
-        (LOSSES, "loss", data.get("loss", {"name": LossConfig().name})),
+    for registry, section, schema, raw in (
+        (BACKBONES, "model.backbone", BackboneConfig, raw_model.get("backbone")),
+        (HEADS, "model.head", HeadConfig, raw_model.get("head")),
+        (DATASETS, "data.dataset", DatasetConfig, raw_data.get("dataset")),
+        (DATASETS, "data.val_dataset", DatasetConfig, raw_data.get("val_dataset")),
+        (LOSSES, "loss", LossConfig, data.get("loss", {"name": LossConfig().name})),
     ):
         if isinstance(raw, dict) and isinstance(raw.get("name"), str):
-            _check_component(registry, section, Component.model_validate(raw), problems)
+            try:
+                comp = schema.model_validate(raw)
+            except ValidationError:
+                comp = Component.model_validate({"name": raw["name"]})  # field errors are reported above
+            _check_component(registry, section, comp, problems)
     if cfg is not None and cfg.task == "segmentation" and cfg.model.head is None:
         problems.append("model.head: required key is missing (a segmentation task needs a head)")
     if cfg is not None and cfg.trainer.max_epochs is None and cfg.trainer.max_steps < 0:
