@@ -134,15 +134,15 @@ def load_pretrained(
     model_sd = model.state_dict()
     model_keys = set(model_sd)
     sd, ignored = _strip_prefixes(sd, model_keys)
-    family = family or getattr(model, "family", None) or getattr(getattr(model, "backbone", None), "family", None)
-    if family is not None and not model_keys.intersection(sd):
-        from attnseg.convert import FAMILIES, convert_state_dict
+    own_family = getattr(model, "family", None)
+    family = family or own_family or getattr(getattr(model, "backbone", None), "family", None)
+    from attnseg.convert import FAMILIES, convert_state_dict
 
-        if family in FAMILIES:
-            if getattr(model, "family", None) == family:
-                sd = convert_state_dict(family, sd)
-            else:  # a Segmentor/Classifier: the official file holds its backbone
-                sd = {f"backbone.{k}": v for k, v in convert_state_dict(family, sd).items()}
+    if family in FAMILIES:
+        if own_family == family or not hasattr(model, "backbone"):
+            sd = convert_state_dict(family, sd)
+        elif not model_keys.intersection(sd):  # a backbone checkpoint loaded into a Segmentor/Classifier
+            sd = {f"backbone.{k}": v for k, v in convert_state_dict(family, sd).items()}
     report = LoadReport(ignored=ignored)
     filtered: dict[str, torch.Tensor] = {}
     for key, value in sd.items():

@@ -200,7 +200,7 @@ class MambaOut(nn.Module):
         self.output_fmt = "NHWC"
 
         self.stem = Stem(in_chans, dims[0])
-        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
         stages, start = [], 0
         for i, (depth, dim) in enumerate(zip(depths, dims)):
             stages.append(MambaOutStage(
