@@ -126,3 +126,14 @@ def test_load_config_with_overrides(tmp_path):
     assert cfg.model.head.kwargs["feature_size"] == 24 and cfg.trainer.max_epochs == 2
     with pytest.raises(ConfigError, match="model.head.feature_size: Input should be a valid integer"):
         load_config(tmp_path / "c.yaml", ["model.head.feature_size=abc"])
+
+
+def test_config_reference_doc_is_current():
+    import importlib.util
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("gen", repo / "tools" / "gen_config_docs.py")
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    assert (repo / "docs" / "configs.md").read_text() == gen.render(), "run tools/gen_config_docs.py"

@@ -17,6 +17,13 @@ def _type_name(ann: object) -> str:
     return (text or str(ann)).replace("typing.", "").replace("NoneType", "None")
 
 
+def _bound(meta: object) -> str:
+    for attr, sym in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
+        if getattr(meta, attr, None) is not None:
+            return f"{sym} {getattr(meta, attr)}"
+    return str(meta)
+
+
 def _rows(model: type[BaseModel], prefix: str = "") -> list[str]:
     rows = []
     for name, field in model.model_fields.items():
@@ -24,9 +31,10 @@ def _rows(model: type[BaseModel], prefix: str = "") -> list[str]:
         ann = field.annotation
         nested = [a for a in (typing.get_args(ann) or (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)]
         default = "required" if field.is_required() else repr(field.default)
-        rng = ", ".join(str(m) for m in field.metadata)
+        rng = ", ".join(_bound(m) for m in field.metadata)
         desc = (field.description or "") + (f" ({rng})" if rng else "")
-        rows.append(f"| `{key}` | `{_type_name(ann)}` | `{default}` | {desc} |")
+        type_name = _type_name(ann).replace("attnseg.config.", "").replace("|", "\\|")
+        rows.append(f"| `{key}` | `{type_name}` | `{default}` | {desc.strip()} |")
         for sub in nested:
             rows.extend(_rows(sub, key + "."))
             if sub.model_config.get("extra") == "allow":

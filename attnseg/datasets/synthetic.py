@@ -10,7 +10,8 @@ intensity, so a per-pixel threshold cannot separate them, but a small CNN learns
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch

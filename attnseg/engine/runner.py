@@ -192,7 +192,8 @@ def build_trainer(cfg: ExperimentConfig, work_dir: Path, *, for_test: bool = Fal
             every_n_epochs=t.checkpoint.every_n_epochs, auto_insert_metric_name=False,
         ))
     loggers: list[Any] = []
-    if "csv" in t.loggers:
+    # Evaluation writes its metrics as JSON; a logger there would overwrite the training logs.
+    if "csv" in t.loggers and not for_test:
         loggers.append(CSVLogger(work_dir, name="logs", version=""))
     if "tensorboard" in t.loggers and not for_test:
         loggers.append(TensorBoardLogger(work_dir, name="tensorboard", version=""))

@@ -44,7 +44,7 @@ class _SingleElementSafe:
         return super().forward(x)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _instance_norm(spatial_dims: int) -> type[nn.Module]:
     base = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)[spatial_dims - 1]
     return type(base.__name__, (_SingleElementSafe, base), {})
