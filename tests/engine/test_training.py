@@ -122,3 +122,37 @@ def test_segmentation_task_runs_3d(tmp_path):
     res = task.test_results
     assert len(res["Dice"]) == 3 and 0.0 <= res["mDice"] <= 1.0
     assert "mHD95" in res
+
+
+def test_ema_accumulation_clipping_and_bf16(tmp_path):
+    cfg = tiny_config(tmp_path, max_epochs=1, accumulate_grad_batches=2, gradient_clip_val=1.0,
+                      precision="bf16-mixed", ema={"enabled": True, "decay": 0.9})
+    result = train(cfg)
+    assert result["global_step"] == 1  # 2 batches accumulated into one optimizer step
+    ckpt = _weights(result["last_checkpoint"])
+    assert any("EMAWeightAveraging" in k for k in ckpt["callbacks"])
+
+
+def test_classification_with_mixup_and_cutmix(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for c in range(3):
+            (tmp_path / "data" / split / f"c{c}").mkdir(parents=True)
+            for i in range(4):
+                img = np.zeros((40, 40, 3), np.uint8)
+                img[:, :, c] = 200
+                Image.fromarray(img).save(tmp_path / "data" / split / f"c{c}" / f"{i}.png")
+    cfg = validate_config({
+        "task": "classification", "work_dir": str(tmp_path / "work"),
+        "model": {"backbone": {"name": "test_mambaout"}, "num_classes": 3},
+        "data": {"dataset": {"name": "imagefolder", "root": str(tmp_path / "data"), "image_size": [32, 32]},
+                 "batch_size": 4},
+        "classification": {"label_smoothing": 0.1, "mixup_alpha": 0.4, "cutmix_alpha": 1.0},
+        "optimizer": {"lr": 0.01},
+        "trainer": {"max_epochs": 3, "progress_bar": "none", "loggers": ["csv"], "accelerator": "cpu"},
+    })
+    result = train(cfg)
+    assert result["global_step"] == 9
+    assert 0.0 <= result["metrics"]["val/top1"] <= 1.0 and result["metrics"]["val/top5"] == 1.0
