@@ -21,7 +21,6 @@ through the registries in :mod:`attnseg.registry`.
 from __future__ import annotations
 
 import copy
-import inspect
 import typing
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -389,7 +388,7 @@ def _check_component(registry: Registry, section: str, comp: Component | None, p
 def _type_hints(registry: Registry, name: str) -> dict[str, Any]:
     fn = registry.get(name)
     hints: dict[str, Any] = {}
-    owner = registry._classes.get(name)  # noqa: SLF001 - same package
+    owner = registry.owner_class(name)
     for target in ([owner.__init__] if owner is not None else []) + [fn]:
         try:
             hints.update(typing.get_type_hints(target))
@@ -404,17 +403,26 @@ def _type_name(hint: Any) -> str:
     return text.replace("typing.", "")
 
 
-def _loc_to_path(loc: Sequence[Any]) -> str:
-    parts = []
+def _loc_to_path(loc: Sequence[Any], data: Any) -> tuple[str, list[str]]:
+    """Key path of a pydantic error location, walking the input so that union-branch tags that pydantic
+    adds to ``loc`` (``'int'``, ``'list[int]'``, ...) are returned apart instead of read as keys."""
+    parts: list[str] = []
+    tags: list[str] = []
+    node: Any = data
     for item in loc:
-        if isinstance(item, int):
-            parts.append(f"[{item}]")
-        elif "[" in str(item) or "-" in str(item) and not str(item).isidentifier():
-            # pydantic adds union-branch tags like 'list[int]' or 'function-after[...]': not config keys.
-            continue
-        else:
+        if isinstance(node, dict) and item in node:
             parts.append(("." if parts else "") + str(item))
-    return "".join(parts).replace(".[", "[")
+            node = node[item]
+        elif isinstance(node, (list, tuple)) and isinstance(item, int) and -len(node) <= item < len(node):
+            parts.append(f"[{item}]")
+            node = node[item]
+        elif isinstance(node, dict) or not parts or isinstance(item, int):
+            parts.append(("." if parts and not isinstance(item, int) else "") + (
+                f"[{item}]" if isinstance(item, int) else str(item)))  # a missing or unknown key
+            node = None
+        else:
+            tags.append(str(item))
+    return "".join(parts), tags
 
 
 def _fields_at(loc: Sequence[Any]) -> list[str]:
@@ -434,21 +442,38 @@ def _fields_at(loc: Sequence[Any]) -> list[str]:
     return list(getattr(model, "model_fields", {}))
 
 
-def _describe(err: dict[str, Any]) -> str:
+def _describe(errors: list[dict[str, Any]], data: dict[str, Any]) -> list[str]:
+    """One line per key path; the errors of a union's branches merge into one line."""
+    by_path: dict[str, list[tuple[dict[str, Any], list[str]]]] = {}
+    for err in errors:
+        path, tags = _loc_to_path(err["loc"], data)
+        by_path.setdefault(path, []).append((err, tags))
+    lines = []
+    for path, items in by_path.items():
+        err, tags = items[0]
+        if len(items) > 1 and all(t for _, t in items):
+            options = " | ".join(dict.fromkeys(t[0] for _, t in items))
+            lines.append(f"{path}: Input should be one of {options} (got {err.get('input')!r})")
+            continue
+        for err, _ in items:
+            lines.append(_describe_one(path, err))
+    return lines
+
+
+def _describe_one(path: str, err: dict[str, Any]) -> str:
     loc = err["loc"]
-    path = _loc_to_path(loc)
     if err["type"] == "extra_forbidden":
         fields = _fields_at(loc)
-        return f"{path}: unknown key{suggest(str(loc[-1]), fields)}" + (
-            f" (allowed: {', '.join(fields)})" if fields and not suggest(str(loc[-1]), fields) else ""
-        )
+        hint = suggest(str(loc[-1]), fields)
+        return f"{path}: unknown key{hint}" + (f" (allowed: {', '.join(fields)})" if fields and not hint else "")
     if err["type"] == "missing":
         return f"{path}: required key is missing"
-    got = err.get("input")
     ctx = err.get("ctx") or {}
-    rng = ", ".join(f"{k} {v}" for k, v in ctx.items() if k in {"gt", "ge", "lt", "le", "expected"})
-    extra = f"; allowed: {rng}" if rng and "expected" not in ctx else ""
-    return f"{path}: {err['msg']} (got {got!r}{extra})"
+    rng = ", ".join(f"{k} {v}" for k, v in ctx.items() if k in {"gt", "ge", "lt", "le"})
+    extra = f"; allowed: {rng}" if rng else ""
+    msg = err["msg"].removeprefix("Value error, ")
+    got = "" if err["type"] == "value_error" else f" (got {err.get('input')!r}{extra})"
+    return f"{path}: {msg}{got}"
 
 
 def validate_config(data: dict[str, Any], source: str | None = None) -> ExperimentConfig:
@@ -459,8 +484,7 @@ def validate_config(data: dict[str, Any], source: str | None = None) -> Experime
     try:
         cfg = ExperimentConfig.model_validate(data)
     except ValidationError as e:
-        for err in e.errors():
-            problems.append(_describe(err))
+        problems.extend(_describe(e.errors(), data))
     # Registry checks run even when the schema failed elsewhere, so one message lists everything.
     raw_model = data.get("model") if isinstance(data.get("model"), dict) else {}
     raw_data = data.get("data") if isinstance(data.get("data"), dict) else {}
@@ -513,12 +537,3 @@ def dump_config(cfg: ExperimentConfig) -> str:
     """The validated config as YAML (defaults filled in), as ``--print-config`` shows it."""
     data = cfg.model_dump(mode="json", exclude_none=False)
     return yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=120)
-
-
-def signature_defaults(fn: Any) -> dict[str, Any]:
-    """Default values of ``fn``'s keyword parameters (used by docs and --print-config of components)."""
-    return {
-        p.name: p.default
-        for p in inspect.signature(fn).parameters.values()
-        if p.default is not inspect.Parameter.empty
-    }

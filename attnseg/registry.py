@@ -94,6 +94,11 @@ class Registry:
         except KeyError:
             raise KeyError(f"{self.kind} '{name}' is not registered{suggest(name, self._entries)}") from None
 
+    def owner_class(self, name: str) -> type | None:
+        """The class a ``**kwargs`` factory forwards to, when it was registered with ``cls=``."""
+        self.get(name)
+        return self._classes.get(name)
+
     def names(self) -> list[str]:
         _ensure_populated()
         return sorted(self._entries)

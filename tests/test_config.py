@@ -137,3 +137,14 @@ def test_config_reference_doc_is_current():
     gen = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gen)
     assert (repo / "docs" / "configs.md").read_text() == gen.render(), "run tools/gen_config_docs.py"
+
+
+def test_union_errors_merge_and_nested_schema_errors_have_paths():
+    bad = {**MINIMAL, "trainer": {"limit_train_batches": "abc"},
+           "data": {**MINIMAL["data"], "augment": {"crop_size": [0, 5], "hflip": 2}}}
+    with pytest.raises(ConfigError) as info:
+        validate_config(bad)
+    msg = str(info.value)
+    assert "trainer.limit_train_batches: Input should be one of float | int (got 'abc')" in msg
+    assert "data.augment.crop_size: crop_size needs 2 (2D) or 3 (3D) positive sizes, got [0, 5]" in msg
+    assert "data.augment.hflip: Input should be less than or equal to 1 (got 2" in msg

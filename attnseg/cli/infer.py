@@ -59,16 +59,6 @@ def overlay_image(image: np.ndarray, mask: np.ndarray, num_classes: int, alpha: 
     return np.concatenate([rgb8, blended], axis=1)
 
 
-def _normalize(x: torch.Tensor, normalize: object | None) -> torch.Tensor:
-    if normalize is None:
-        return x
-    mean = torch.tensor(normalize.mean, dtype=x.dtype).view(-1, *([1] * (x.ndim - 2)))
-    std = torch.tensor(normalize.std, dtype=x.dtype).view(-1, *([1] * (x.ndim - 2)))
-    if mean.shape[0] not in (1, x.shape[1]):
-        raise ConfigError(f"data.normalize has {mean.shape[0]} mean values for {x.shape[1]}-channel images")
-    return (x - mean) / std
-
-
 def _main(argv: Sequence[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="attnseg-infer", description="Predict masks for images.")
     add_config_args(parser, positional=False)
@@ -91,6 +81,7 @@ def _main(argv: Sequence[str] | None) -> int:
     from attnseg.checkpoint import load_pretrained
     from attnseg.config import load_config
     from attnseg.datasets.io import convert_channels, read_image
+    from attnseg.datasets.transforms import build_transform
     from attnseg.engine.inference import flip_tta, predict_logits
     from attnseg.models.builder import build_model
 
@@ -104,11 +95,12 @@ def _main(argv: Sequence[str] | None) -> int:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     n_cls = max(cfg.model.num_classes, 2)
+    normalize = build_transform(None, cfg.data.normalize, train=False)
 
     for path in files:
         image = convert_channels(read_image(path), cfg.model.in_chans, path)  # [H, W, C] float in 0..1
-        x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
-        x = _normalize(x, cfg.data.normalize).to(args.device)
+        x = normalize({"image": torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)})["image"]
+        x = x[None].to(args.device)
         roi = [args.window, args.window] if max(x.shape[-2:]) > args.window else None
 
         def predict(t: torch.Tensor, roi=roi) -> torch.Tensor:

@@ -20,7 +20,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from attnseg.config import ExperimentConfig
+from attnseg.config import ExperimentConfig, dump_config
 from attnseg.errors import CheckpointError, ConfigError, DataError
 from attnseg.registry import DATASETS, LOSSES
 
@@ -262,7 +262,7 @@ def train(cfg: ExperimentConfig, *, resume: bool = False, work_dir: Path | None 
     task = build_task(cfg, train_set)
     trainer = build_trainer(cfg, work_dir, callbacks=callbacks)
     work_dir.mkdir(parents=True, exist_ok=True)
-    (work_dir / "config.yaml").write_text(_dump(cfg))
+    (work_dir / "config.yaml").write_text(dump_config(cfg))
     trainer.fit(task, build_dataloader(cfg, train_set, "train"), build_dataloader(cfg, val_set, "val"),
                 ckpt_path=ckpt_path, weights_only=True)
     ckpt_cb = trainer.checkpoint_callback
@@ -273,12 +273,6 @@ def train(cfg: ExperimentConfig, *, resume: bool = False, work_dir: Path | None 
         "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
         "global_step": trainer.global_step,
     }
-
-
-def _dump(cfg: ExperimentConfig) -> str:
-    from attnseg.config import dump_config
-
-    return dump_config(cfg)
 
 
 def evaluate(cfg: ExperimentConfig, checkpoint: str | Path, *, split: str = "test") -> dict[str, Any]:
