@@ -183,3 +183,18 @@ def test_process_exit_code_and_no_traceback(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: config file not found")
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes(tmp_path):
+    """strategy=ddp with 2 CPU processes (gloo): the distributed code path that multi-GPU/multi-node runs take."""
+    cfg = tiny_cfg(tmp_path)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "train.py"), str(cfg), "--set", "trainer.strategy=ddp",
+         "--set", "trainer.devices=2", "--set", "trainer.accelerator=cpu", "--set", "trainer.loggers=[csv, tensorboard]"],
+        capture_output=True, text=True, cwd=REPO, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = torch.load(tmp_path / "work" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 1  # 4 samples, batch 2 per process, 2 processes -> 1 step per epoch
+    assert list((tmp_path / "work" / "tensorboard").glob("events.*"))
