@@ -1,0 +1,1 @@
+"""Training and evaluation engine: Lightning tasks, losses, metrics, optimisers, runner, inference."""

@@ -1,0 +1,20 @@
+"""The ``Example::`` blocks in public docstrings run and print what they claim."""
+
+import doctest
+
+import pytest
+
+import attnseg.backbones.mambaout
+import attnseg.heads.unetr
+import attnseg.models.classifier
+import attnseg.models.segmentor
+
+
+@pytest.mark.parametrize("module", [attnseg.backbones.mambaout, attnseg.heads.unetr, attnseg.models.segmentor,
+                                    attnseg.models.classifier])
+def test_examples(module):
+    import torch
+
+    result = doctest.testmod(module, extraglobs={"torch": torch}, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0
+    assert result.failed == 0
