@@ -198,3 +198,13 @@ def test_ddp_on_two_cpu_processes(tmp_path):
     ckpt = torch.load(tmp_path / "work" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 1  # 4 samples, batch 2 per process, 2 processes -> 1 step per epoch
     assert list((tmp_path / "work" / "tensorboard").glob("events.*"))
+
+
+def test_resume_flag_continues_from_last_checkpoint(tmp_path, capsys):
+    cfg = tiny_cfg(tmp_path)
+    assert train.main([str(cfg)]) == 0
+    assert train.main([str(cfg), "--resume", "--set", "trainer.max_epochs=2"]) == 0
+    ckpt = torch.load(tmp_path / "work" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 4 and ckpt["epoch"] == 1
+    expect_error(capsys, train.main, [str(cfg), "--resume", "--work-dir", str(tmp_path / "fresh")],
+                 "no checkpoint to resume from", "fresh")

@@ -3,12 +3,13 @@
 ``train(cfg)`` and ``evaluate(cfg, checkpoint)`` are what ``tools/train.py`` and ``tools/test.py`` call.
 Checkpoints are written atomically (temporary file in the same folder, fsync, rename), so a run killed at
 any moment leaves ``last.ckpt`` either the previous complete checkpoint or the new complete one, and
-``resume=True`` continues from it with the same step count, optimizer, scheduler, EMA and RNG states.
+``resume=True`` continues from it with the same step count, optimizer and scheduler states (tested against
+an uninterrupted run), plus the EMA weights (Lightning's callback state) and the RNG states (saved by the
+task).
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import tempfile
 from collections.abc import Iterator
@@ -25,9 +26,6 @@ from attnseg.errors import CheckpointError, ConfigError, DataError
 from attnseg.registry import DATASETS, LOSSES
 
 __all__ = ["build_dataset", "build_dataloader", "build_task", "build_trainer", "train", "evaluate", "work_dir_for"]
-
-log = logging.getLogger(__name__)
-
 
 # -- data ---------------------------------------------------------------------------------------------
 
