@@ -1,0 +1,21 @@
+"""Neighborhood attention (NATTEN semantics) with no natten install: window tables, functional ops, modules.
+
+See :mod:`attnseg.ops.functional` for the API and :mod:`attnseg.ops.windows` for the rules.
+"""
+
+from attnseg.ops.functional import (
+    available_backends,
+    na1d,
+    na1d_av,
+    na1d_qk,
+    na2d,
+    na2d_av,
+    na2d_qk,
+    na3d,
+    na3d_av,
+    na3d_qk,
+    use_backend,
+)
+
+__all__ = ["na1d", "na2d", "na3d", "na1d_qk", "na2d_qk", "na3d_qk", "na1d_av", "na2d_av", "na3d_av",
+           "use_backend", "available_backends"]

@@ -1,0 +1,130 @@
+"""Window tables: the one semantic core every neighborhood-attention backend reads.
+
+For one axis of length ``L`` and a kernel ``k``, dilation ``d``, stride ``s`` and a causal flag, the table
+gives, for every query coordinate and every window slot ``a in [0, k)``, the key coordinate of that slot
+and whether the slot is valid. Multi-axis windows are the product of the per-axis tables (row-major slot
+order), so a backend never re-derives the rules; it only gathers or range-checks against the tables.
+
+Rules (NATTEN's, reference/kernels.md §1; ``left = k // 2``, ``right = k // 2 + k % 2 - 1``):
+
+- dilation splits the axis into ``d`` interleaved groups ``g = x % d``; a query sees only keys of its
+  group, and everything is computed on in-group indices ``i = x // d`` with group length ``Lg``;
+- non-causal: the stride leader ``lead = min((i // s) * s + s // 2, Lg - 1)`` and the window
+  ``[start, start + k)`` with ``start = clamp(lead - left, 0, Lg - k)`` — shifted inward at borders,
+  never zero-padded, so every slot is valid;
+- causal: ``lead = min((i // s) * s + s - 1, Lg - 1)``, ``start = max(lead - k + 1, 0)``, and slot ``a`` is
+  valid while ``start + a <= i`` (fewer than ``k`` valid keys near the start);
+- ``mode="zeropad"`` (TransNeXt / unfold style): the window is centred, ``start = i - left``, and slots
+  that fall outside ``[0, Lg)`` are invalid (masked) instead of the window being shifted.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+__all__ = ["axis_table", "window_table", "rpb_table"]
+
+
+@functools.lru_cache(maxsize=256)
+def _axis_table_cached(length: int, kernel: int, dilation: int, stride: int, causal: bool,
+                       mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.arange(length)
+    group = x % dilation
+    i = x // dilation
+    group_len = length // dilation + (group < length % dilation).long()
+    slots = torch.arange(kernel)
+    left = kernel // 2
+    if mode == "zeropad":
+        start = i - left
+        pos = start[:, None] + slots[None, :]
+        valid = (pos >= 0) & (pos < group_len[:, None])
+    elif causal:
+        lead = torch.minimum((i // stride) * stride + stride - 1, group_len - 1)
+        start = torch.clamp(lead - kernel + 1, min=0)
+        pos = start[:, None] + slots[None, :]
+        valid = (pos <= i[:, None]) & (pos < group_len[:, None])
+    else:
+        lead = torch.minimum((i // stride) * stride + stride // 2, group_len - 1)
+        start = torch.minimum(torch.clamp(lead - left, min=0), group_len - kernel)
+        pos = start[:, None] + slots[None, :]
+        valid = torch.ones_like(pos, dtype=torch.bool)
+    key = pos.clamp(min=0) * dilation + group[:, None]
+    key = torch.where(valid, key, x[:, None])  # invalid slots point at the query itself: safe to gather
+    return key, valid
+
+
+def axis_table(length: int, kernel: int, dilation: int = 1, stride: int = 1, causal: bool = False,
+               mode: str = "natten") -> tuple[torch.Tensor, torch.Tensor]:
+    """Key coordinate and validity of every (query, slot) on one axis.
+
+    Returns:
+        ``key [L, k]`` int64 (invalid slots hold the query's own coordinate) and ``valid [L, k]`` bool.
+    """
+    return _axis_table_cached(int(length), int(kernel), int(dilation), int(stride), bool(causal), mode)
+
+
+def window_table(
+    shape: tuple[int, ...],
+    kernel: tuple[int, ...],
+    dilation: tuple[int, ...],
+    stride: tuple[int, ...],
+    causal: tuple[bool, ...],
+    mode: str = "natten",
+    device: torch.device | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flattened multi-axis table.
+
+    Returns:
+        ``key [N, K]`` int64 flat (row-major) key index of each query's slots, ``K = prod(kernel)`` in
+        row-major slot order, and ``valid [N, K]`` bool.
+    """
+    keys, valids = [], []
+    for n, k, d, s, c in zip(shape, kernel, dilation, stride, causal):
+        key, valid = axis_table(n, k, d, s, c, mode)
+        keys.append(key)
+        valids.append(valid)
+    flat_valid = torch.ones((), dtype=torch.bool)
+    # Outer product over axes: query index is row-major over (x0, x1, ...), slot index row-major over (a0, a1, ...).
+    ndim = len(shape)
+    flat_key = torch.zeros([1] * (2 * ndim), dtype=torch.long)
+    for axis, (key, valid) in enumerate(zip(keys, valids)):
+        view = [1] * (2 * ndim)
+        view[axis] = key.shape[0]
+        view[ndim + axis] = key.shape[1]
+        step = int(torch.tensor(shape[axis + 1:]).prod()) if axis + 1 < ndim else 1
+        flat_key = flat_key + key.view(view) * step
+        flat_valid = flat_valid & valid.view(view)
+    n = int(torch.tensor(shape).prod())
+    kk = int(torch.tensor(kernel).prod())
+    flat_key = flat_key.reshape(n, kk)
+    flat_valid = flat_valid.expand([*shape, *kernel]).reshape(n, kk)
+    if device is not None:
+        flat_key, flat_valid = flat_key.to(device), flat_valid.to(device)
+    return flat_key, flat_valid
+
+
+def rpb_table(
+    shape: tuple[int, ...], kernel: tuple[int, ...], dilation: tuple[int, ...], stride: tuple[int, ...],
+    causal: tuple[bool, ...], mode: str = "natten",
+) -> torch.Tensor:
+    """``[N, K]`` flat index into a relative-position bias table of shape ``[2k_0 - 1, 2k_1 - 1, ...]``.
+
+    Offset per axis is ``(key - query) / dilation + (k - 1)`` (in dilated steps), as in NATTEN <= 0.17.
+    """
+    ndim = len(shape)
+    idx = torch.zeros([1] * (2 * ndim), dtype=torch.long)
+    for axis, (n, k, d, s, c) in enumerate(zip(shape, kernel, dilation, stride, causal)):
+        key, _ = axis_table(n, k, d, s, c, mode)
+        offset = (key - torch.arange(n)[:, None]).div(d, rounding_mode="floor") + (k - 1)
+        offset = offset.clamp(0, 2 * k - 2)
+        view = [1] * (2 * ndim)
+        view[axis] = n
+        view[ndim + axis] = k
+        step = 1
+        for kk in kernel[axis + 1:]:
+            step *= 2 * kk - 1
+        idx = idx + offset.view(view) * step
+    n_total = int(torch.tensor(shape).prod())
+    return idx.expand([*shape, *kernel]).reshape(n_total, int(torch.tensor(kernel).prod()))
