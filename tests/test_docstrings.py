@@ -8,10 +8,13 @@ import attnseg.backbones.mambaout
 import attnseg.heads.unetr
 import attnseg.models.classifier
 import attnseg.models.segmentor
+import attnseg.ops.functional
+import attnseg.ops.modules
 
 
 @pytest.mark.parametrize("module", [attnseg.backbones.mambaout, attnseg.heads.unetr, attnseg.models.segmentor,
-                                    attnseg.models.classifier])
+                                    attnseg.models.classifier,
+                                    attnseg.ops.functional, attnseg.ops.modules])
 def test_examples(module):
     import torch
 

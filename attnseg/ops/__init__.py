@@ -16,6 +16,8 @@ from attnseg.ops.functional import (
     na3d_qk,
     use_backend,
 )
+from attnseg.ops.modules import NeighborhoodAttention1D, NeighborhoodAttention2D, NeighborhoodAttention3D
 
 __all__ = ["na1d", "na2d", "na3d", "na1d_qk", "na2d_qk", "na3d_qk", "na1d_av", "na2d_av", "na3d_av",
-           "use_backend", "available_backends"]
+           "use_backend", "available_backends", "NeighborhoodAttention1D", "NeighborhoodAttention2D",
+           "NeighborhoodAttention3D"]

@@ -49,16 +49,16 @@ def na_fused_reference(
     qf = q.reshape(batch, n, heads, dim).transpose(1, 2)  # [B, H, N, D]
     kf = k.reshape(batch, n, kv_heads, dim).transpose(1, 2).repeat_interleave(rep, dim=1)
     vf = v.reshape(batch, n, kv_heads, dim_v).transpose(1, 2).repeat_interleave(rep, dim=1)
-    mask, bias = _dense_mask_and_bias(tuple(spatial), kernel, dilation, stride, causal, mode, rpb, q.device,
-                                      torch.promote_types(q.dtype, torch.float32))
-    logits = (qf @ kf.transpose(-1, -2)).float() * scale  # [B, H, N, N]
+    acc = torch.promote_types(q.dtype, torch.float32)  # softmax in at least fp32, fp64 stays fp64
+    mask, bias = _dense_mask_and_bias(tuple(spatial), kernel, dilation, stride, causal, mode, rpb, q.device, acc)
+    logits = (qf @ kf.transpose(-1, -2)).to(acc) * scale  # [B, H, N, N]
     if bias is not None:
         logits = logits + bias
     logits = logits.masked_fill(~mask, float("-inf"))
     if additional_keys is not None:
         ak = additional_keys.transpose(1, 2).repeat_interleave(rep, dim=1)  # [B, H, E, D]
         av = additional_values.transpose(1, 2).repeat_interleave(rep, dim=1)
-        logits = torch.cat([logits, (qf @ ak.transpose(-1, -2)).float() * scale], dim=-1)
+        logits = torch.cat([logits, (qf @ ak.transpose(-1, -2)).to(acc) * scale], dim=-1)
         vf = torch.cat([vf, av], dim=2)
     lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # [B, H, N, 1]
     probs = torch.exp(logits - lse).to(v.dtype)
