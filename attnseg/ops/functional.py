@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from attnseg.ops import reference
+from attnseg.ops import cpu, reference
 from attnseg.registry import suggest
 
 __all__ = [
@@ -98,6 +98,7 @@ def _reference_can_run(*tensors: torch.Tensor, **_: Any) -> str | None:
 
 
 BACKENDS: dict[str, Backend] = {
+    "cpu": Backend("cpu", cpu.can_run_cpu, cpu.na_fused_cpu, None, None),
     "reference": Backend("reference", _reference_can_run, reference.na_fused_reference, reference.na_qk_reference,
                          reference.na_av_reference),
 }

@@ -1,0 +1,161 @@
+"""The ``cpu`` backend: fused neighborhood attention in eager PyTorch with O(N * K) memory.
+
+Keys and values of each query's window are gathered through the window tables a chunk of slots at a time
+(``[B*H, N, chunk, D]``, sized to stay under ``_CHUNK_BYTES``), so memory is the ``[B*H, N, K]`` attention
+weights plus one bounded chunk, never the ``[N, K, D]`` window copies of an unfold and never ``N^2``.
+Backward is written out (softmax backward, gathers for dQ and dP, ``index_add_`` scatters for dK and dV
+and the position-bias gradient) and saves only q, k, v and the weights.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from attnseg.ops.windows import rpb_table, window_table
+
+__all__ = ["na_fused_cpu", "can_run_cpu"]
+
+_CHUNK_BYTES = 32 * 2**20
+
+
+def can_run_cpu(*tensors: torch.Tensor, op: str = "fused", **_: Any) -> str | None:
+    if any(t.device.type != "cpu" for t in tensors):
+        return "inputs are not on the CPU"
+    if any(t.dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16) for t in tensors):
+        return f"unsupported dtype {tensors[0].dtype}"
+    if op != "fused":
+        return "only the fused op is implemented (unfused ops use the reference backend)"
+    return None
+
+
+def _chunks(n: int, k: int, d: int, bh: int, itemsize: int) -> list[tuple[int, int]]:
+    per_slot = max(n * d * bh * itemsize, 1)
+    c = max(1, min(k, _CHUNK_BYTES // per_slot))
+    return [(a, min(a + c, k)) for a in range(0, k, c)]
+
+
+class _FusedNA(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, bias, key, valid, scale, ak, av):  # noqa: ANN001 - autograd signature
+        # q, k: [BH, N, D]; v: [BH, N, Dv]; bias: [BH or 1, N, K] or None; key/valid: [N, K];
+        # ak: [BH, E, D] / av: [BH, E, Dv] or None.
+        bh, n, d = q.shape
+        kk = key.shape[1]
+        acc = torch.promote_types(q.dtype, torch.float32)
+        logits = torch.empty(bh, n, kk, dtype=acc)
+        for a0, a1 in _chunks(n, kk, d, bh, q.element_size()):
+            kw = k[:, key[:, a0:a1]]  # [BH, N, c, D]
+            logits[..., a0:a1] = torch.einsum("bnd,bncd->bnc", q, kw).to(acc)
+        logits.mul_(scale)
+        if bias is not None:
+            logits.add_(bias)
+        logits.masked_fill_(~valid, float("-inf"))
+        extra = (torch.einsum("bnd,bed->bne", q, ak).to(acc) * scale) if ak is not None else None
+        row_max = logits.amax(-1, keepdim=True)
+        if extra is not None:
+            row_max = torch.maximum(row_max, extra.amax(-1, keepdim=True))
+        probs = logits.sub_(row_max).exp_()  # in place: the logits buffer becomes the weights
+        denom = probs.sum(-1, keepdim=True)
+        if extra is not None:
+            extra = torch.exp(extra - row_max)
+            denom = denom + extra.sum(-1, keepdim=True)
+            extra = extra / denom
+        probs.div_(denom)
+        lse = (row_max + denom.log()).squeeze(-1)
+        out = torch.zeros(bh, n, v.shape[-1], dtype=acc)
+        for a0, a1 in _chunks(n, kk, v.shape[-1], bh, v.element_size()):
+            out += torch.einsum("bnc,bncd->bnd", probs[..., a0:a1], v[:, key[:, a0:a1]].to(acc))
+        if extra is not None:
+            out += torch.einsum("bne,bed->bnd", extra, av.to(acc))
+        ctx.save_for_backward(q, k, v, key, probs, ak, av, extra)
+        ctx.scale = scale
+        ctx.has_bias = bias is not None
+        ctx.bias_batched = bias is not None and bias.shape[0] != 1
+        return out.to(v.dtype), lse.to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):  # noqa: ANN001
+        q, k, v, key, probs, ak, av, extra = ctx.saved_tensors
+        scale = ctx.scale
+        bh, n, d = q.shape
+        kk = key.shape[1]
+        acc = probs.dtype
+        go = grad_out.to(acc)
+        dprobs = torch.empty_like(probs)
+        dv = torch.zeros(v.shape, dtype=acc)
+        for a0, a1 in _chunks(n, kk, v.shape[-1], bh, 4):
+            vw = v[:, key[:, a0:a1]].to(acc)  # [BH, N, c, Dv]
+            dprobs[..., a0:a1] = torch.einsum("bnd,bncd->bnc", go, vw)
+            contrib = probs[..., a0:a1, None] * go[:, :, None, :]  # [BH, N, c, Dv]
+            dv.index_add_(1, key[:, a0:a1].reshape(-1), contrib.reshape(bh, -1, v.shape[-1]))
+        row = torch.einsum("bnk,bnk->bn", probs, dprobs).unsqueeze(-1)
+        dextra = None
+        if extra is not None:
+            dextra_p = torch.einsum("bnd,bed->bne", go, av.to(acc))
+            row = row + (extra * dextra_p).sum(-1, keepdim=True)
+            dextra = extra * (dextra_p - row)
+        dlogits = dprobs.sub_(row).mul_(probs)  # softmax backward in place; masked slots have probs 0
+        if grad_lse is not None:
+            dlogits.addcmul_(probs, grad_lse.to(acc)[..., None])
+            if dextra is not None:
+                dextra = dextra + extra * grad_lse.to(acc)[..., None]
+        dq = torch.zeros(q.shape, dtype=acc)
+        dk = torch.zeros(k.shape, dtype=acc)
+        qa = q.to(acc)
+        for a0, a1 in _chunks(n, kk, d, bh, 4):
+            kw = k[:, key[:, a0:a1]].to(acc)
+            ds = dlogits[..., a0:a1]
+            dq += torch.einsum("bnc,bncd->bnd", ds, kw)
+            dk.index_add_(1, key[:, a0:a1].reshape(-1), (ds[..., None] * qa[:, :, None, :]).reshape(bh, -1, d))
+        dak = dav = None
+        if extra is not None:
+            dq += torch.einsum("bne,bed->bnd", dextra, ak.to(acc))
+            dak = (torch.einsum("bne,bnd->bed", dextra, qa) * scale).to(ak.dtype)
+            dav = torch.einsum("bne,bnd->bed", extra, go).to(av.dtype)
+        dbias = None
+        if ctx.has_bias:
+            dbias = dlogits if ctx.bias_batched else dlogits.sum(0, keepdim=True)
+        return ((dq * scale).to(q.dtype), (dk * scale).to(k.dtype), dv.to(v.dtype), dbias, None, None, None, dak,
+                dav)
+
+
+def na_fused_cpu(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: tuple[int, ...], dilation: tuple[int, ...],
+    stride: tuple[int, ...], causal: tuple[bool, ...], rpb: torch.Tensor | None, scale: float,
+    additional_keys: torch.Tensor | None, additional_values: torch.Tensor | None, return_lse: bool,
+    mode: str = "natten",
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Heads-last fused neighborhood attention on the CPU; same contract as the reference backend."""
+    batch, *spatial, heads, dim = q.shape
+    kv_heads, dim_v = k.shape[-2], v.shape[-1]
+    n = math.prod(spatial)
+    rep = heads // kv_heads
+    shape = tuple(spatial)
+
+    def flat(t: torch.Tensor, h: int, dd: int) -> torch.Tensor:  # [B, *S, h, dd] -> [B*H, N, dd]
+        t = t.reshape(batch, n, h, dd).transpose(1, 2)
+        if h != heads:
+            t = t.repeat_interleave(rep, dim=1)
+        return t.reshape(batch * heads, n, dd).contiguous()
+
+    key, valid = window_table(shape, kernel, dilation, stride, causal, mode)
+    bias = None
+    if rpb is not None:
+        idx = rpb_table(shape, kernel, dilation, stride, causal, mode)
+        table = rpb.reshape(heads, -1).to(torch.promote_types(q.dtype, torch.float32))
+        # [H, N, K] -> broadcast over the batch: [B*H, N, K]
+        bias = table[:, idx].unsqueeze(0).expand(batch, -1, -1, -1).reshape(batch * heads, n, key.shape[1])
+    ak = av = None
+    if additional_keys is not None:
+        e = additional_keys.shape[1]
+        ak = additional_keys.transpose(1, 2).repeat_interleave(rep, dim=1).reshape(batch * heads, e, dim)
+        av = additional_values.transpose(1, 2).repeat_interleave(rep, dim=1).reshape(batch * heads, e, dim_v)
+    out, lse = _FusedNA.apply(flat(q, heads, dim), flat(k, kv_heads, dim), flat(v, kv_heads, dim_v), bias, key,
+                              valid, scale, ak, av)
+    out = out.reshape(batch, heads, n, dim_v).transpose(1, 2).reshape(batch, *spatial, heads, dim_v)
+    if return_lse:
+        return out, lse.reshape(batch, heads, n).transpose(1, 2).reshape(batch, *spatial, heads)
+    return out

@@ -1,0 +1,95 @@
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from attnseg import ops
+
+SWEEPS = int(os.environ.get("ATTNSEG_NA_SWEEPS", "40"))
+
+
+def _random_case(rng: random.Random):
+    ndim = rng.choice([1, 2, 3])
+    while True:
+        shape = [rng.randint(3, 9 if ndim == 3 else 14) for _ in range(ndim)]
+        kernel = [rng.randint(2, 5) for _ in range(ndim)]
+        dilation = [rng.randint(1, 2) for _ in range(ndim)]
+        if all(k * d <= s for k, d, s in zip(kernel, dilation, shape)):
+            break
+    stride = [rng.randint(1, k) for k in kernel]
+    causal = [rng.random() < 0.25 for _ in range(ndim)]
+    return ndim, shape, dict(kernel_size=kernel, dilation=dilation, stride=stride, is_causal=causal)
+
+
+def test_cpu_matches_reference_on_random_sweep():
+    rng = random.Random(0)
+    for i in range(SWEEPS):
+        ndim, shape, kw = _random_case(rng)
+        torch.manual_seed(i)
+        heads, kv_heads = rng.choice([(2, 2), (4, 2), (1, 1)])
+        q = torch.randn(2, *shape, heads, 8, requires_grad=True)
+        k, v = (torch.randn(2, *shape, kv_heads, 8, requires_grad=True) for _ in range(2))
+        rpb = torch.randn(heads, *[2 * kk - 1 for kk in kw["kernel_size"]], requires_grad=True) \
+            if rng.random() < 0.5 else None
+        extra = {}
+        if rng.random() < 0.3:
+            extra = {"additional_keys": torch.randn(2, 3, kv_heads, 8, requires_grad=True),
+                     "additional_values": torch.randn(2, 3, kv_heads, 8, requires_grad=True)}
+        fn = getattr(ops, f"na{ndim}d")
+        leaves = [t for t in (q, k, v, rpb, *extra.values()) if t is not None]
+        results = []
+        for backend in ("cpu", "reference"):
+            out, lse = fn(q, k, v, rpb=rpb, return_lse=True, backend=backend, **kw, **extra)
+            grads = torch.autograd.grad((out.square() * 0.5).sum() + lse.sum(), leaves)
+            results.append((out, lse, grads))
+        (o1, l1, g1), (o2, l2, g2) = results
+        case = (ndim, shape, kw, heads, kv_heads, rpb is not None, bool(extra))
+        assert torch.allclose(o1, o2, atol=1e-5), case
+        assert torch.allclose(l1, l2, atol=1e-5), case
+        for a, b in zip(g1, g2):
+            assert torch.allclose(a, b, atol=1e-4), case
+
+
+def test_gradcheck_float64_with_rpb_and_extra_kv():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 5, 6, 2, 3, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    rpb = torch.randn(2, 5, 3, dtype=torch.float64, requires_grad=True)
+    ak, av = (torch.randn(1, 2, 2, 3, dtype=torch.float64, requires_grad=True) for _ in range(2))
+
+    def fn(q, k, v, rpb, ak, av):
+        out, lse = ops.na2d(q, k, v, (3, 2), dilation=(1, 2), is_causal=(False, True), rpb=rpb,
+                            additional_keys=ak, additional_values=av, return_lse=True, backend="cpu")
+        return out, lse
+
+    assert torch.autograd.gradcheck(fn, (q, k, v, rpb, ak, av))
+
+
+def test_cpu_is_chosen_automatically_for_cpu_tensors():
+    x = torch.randn(1, 8, 8, 2, 4)
+    assert ops.available_backends()[0] == "cpu"
+    with ops.use_backend("cpu"):
+        a = ops.na2d(x, x, x, 3)
+    assert torch.equal(a, ops.na2d(x, x, x, 3))
+    with pytest.raises(ValueError, match="backend 'cpu' cannot run this qk call"):
+        ops.na2d_qk(x.movedim(-2, 1), x.movedim(-2, 1), 3, backend="cpu")
+
+
+@pytest.mark.slow
+def test_3d_32cubed_kernel7_forward_backward_stays_under_1gib():
+    script = (
+        "import resource, torch\n"
+        "from attnseg import ops\n"
+        "q, k, v = (torch.randn(1, 32, 32, 32, 4, 32, requires_grad=True) for _ in range(3))\n"
+        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "ops.na3d(q, k, v, 7, backend='cpu').sum().backward()\n"
+        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    peak_mib = float(proc.stdout.strip().splitlines()[-1])
+    assert peak_mib < 1024, f"peak memory {peak_mib:.0f} MiB over the inputs"
