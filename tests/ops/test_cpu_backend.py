@@ -81,12 +81,14 @@ def test_cpu_is_chosen_automatically_for_cpu_tensors():
 @pytest.mark.slow
 def test_3d_32cubed_kernel7_forward_backward_stays_under_1gib():
     script = (
-        "import resource, torch\n"
+        "import sys, torch\n"
+        "sys.path.insert(0, 'tools')\n"
+        "from benchmark import rss_kib\n"
         "from attnseg import ops\n"
         "q, k, v = (torch.randn(1, 32, 32, 32, 4, 32, requires_grad=True) for _ in range(3))\n"
-        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "base = rss_kib(reset_peak=True)\n"
         "ops.na3d(q, k, v, 7, backend='cpu').sum().backward()\n"
-        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)\n"
+        "print((rss_kib(peak=True) - base) / 1024)\n"
     )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                           cwd=Path(__file__).resolve().parents[2])

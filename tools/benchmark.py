@@ -1,0 +1,219 @@
+#!/usr/bin/env python
+"""Benchmarks, side by side in one run, written to docs/benchmarks.md.
+
+``python tools/benchmark.py ops [--quick] [--out docs/benchmarks.md]``: neighborhood attention on the
+CPU: attnseg's ``cpu`` and ``reference`` backends against a naive unfold/gather implementation, natten
+(when installed) and full self-attention through SDPA, for 2D 1x56x56x4x32 k7 and 3D 1x32^3x4x32
+k3/k5/k7, forward and forward+backward: median milliseconds and peak memory (RSS growth of a fresh
+process running one forward+backward). Methods whose memory would exceed the machine are skipped and
+say why.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+MIB = 2**20
+
+
+def naive_gather(q, k, v, kernel):
+    """Unfold-style NA: materialise every query's window keys/values ([N, K, H, D]), then attend."""
+    from attnseg.ops.windows import window_table
+
+    b, *spatial, h, d = q.shape
+    n = math.prod(spatial)
+    key, _ = window_table(tuple(spatial), (kernel,) * len(spatial), (1,) * len(spatial), (1,) * len(spatial),
+                          (False,) * len(spatial))
+    kf, vf = k.reshape(b, n, h, d), v.reshape(b, n, h, d)
+    kw, vw = kf[:, key], vf[:, key]  # [B, N, K, H, D]
+    logits = torch.einsum("bnhd,bnkhd->bnhk", q.reshape(b, n, h, d), kw) * d**-0.5
+    return torch.einsum("bnhk,bnkhd->bnhd", logits.softmax(-1), vw).reshape(q.shape)
+
+
+def sdpa_full(q, k, v, kernel):
+    b, *spatial, h, d = q.shape
+    n = math.prod(spatial)
+    t = [x.reshape(b, n, h, d).transpose(1, 2) for x in (q, k, v)]
+    return torch.nn.functional.scaled_dot_product_attention(*t).transpose(1, 2).reshape(q.shape)
+
+
+def _na(backend):
+    def run(q, k, v, kernel):
+        from attnseg import ops
+
+        fn = getattr(ops, f"na{q.ndim - 3}d")
+        return fn(q, k, v, kernel, backend=backend)
+
+    return run
+
+
+def _natten(q, k, v, kernel):
+    import natten
+
+    return getattr(natten, f"na{q.ndim - 3}d")(q, k, v, kernel)
+
+
+METHODS = {"attnseg cpu": _na("cpu"), "attnseg reference": _na("reference"), "naive gather": naive_gather,
+           "natten": _natten, "SDPA full attention": sdpa_full}
+
+
+def _bytes_needed(method: str, shape: tuple[int, ...], kernel: int) -> float:
+    """Rough working set, used to skip what cannot fit (bytes, fp32, forward+backward)."""
+    b, *spatial, h, d = shape
+    n, kk = math.prod(spatial), kernel ** len(spatial)
+    if method == "attnseg reference":
+        return 4 * b * h * n * n * 4  # dense mask, bias, logits, probs
+    if method == "naive gather":
+        return 4 * b * n * kk * h * d * 4  # K/V windows and their gradients
+    if method == "SDPA full attention":
+        return 3 * b * h * n * n * 4 if n > 8192 else 0  # the math path keeps N^2 weights for backward
+    return 0
+
+
+def _time(fn, shape, kernel, backward: bool, reps: int) -> float:
+    q, k, v = (torch.randn(shape, requires_grad=backward) for _ in range(3))
+    times = []
+    for i in range(reps + 1):
+        t0 = time.perf_counter()
+        out = fn(q, k, v, kernel)
+        if backward:
+            out.sum().backward()
+        if i:  # the first call warms caches and window tables
+            times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times)
+
+
+def rss_kib(peak: bool = False, reset_peak: bool = False) -> int:
+    """Current (or peak) resident set size of this process in KiB, from /proc (Linux).
+
+    ``reset_peak`` first resets the kernel's high-water mark, so a later ``peak=True`` reading measures
+    only what ran in between (not the import of torch, which dominates ``ru_maxrss`` for small cases).
+    """
+    if reset_peak:
+        Path("/proc/self/clear_refs").write_text("5")
+    field = "VmHWM" if peak else "VmRSS"
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not found in /proc/self/status")
+
+
+def _peak_mib(method: str, shape, kernel) -> float | None:
+    code = (
+        "import sys, torch\n"
+        f"sys.path.insert(0, {str(REPO / 'tools')!r})\n"
+        "from benchmark import METHODS, rss_kib\n"
+        f"q, k, v = (torch.randn({tuple(shape)}, requires_grad=True) for _ in range(3))\n"
+        "base = rss_kib(reset_peak=True)\n"
+        f"METHODS[{method!r}](q, k, v, {kernel}).sum().backward()\n"
+        "print((rss_kib(peak=True) - base) / 1024)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=REPO)
+    return float(proc.stdout.split()[-1]) if proc.returncode == 0 else None
+
+
+def bench_ops(quick: bool) -> list[dict]:
+    cases = [((1, 56, 56, 4, 32), 7), ((1, 32, 32, 32, 4, 32), 3), ((1, 32, 32, 32, 4, 32), 5),
+             ((1, 32, 32, 32, 4, 32), 7)]
+    if quick:
+        cases = cases[:1]
+    try:
+        import natten  # noqa: F401
+        have_natten = True
+    except ImportError:
+        have_natten = False
+    rows = []
+    limit = 8 * 2**30
+    for shape, kernel in cases:
+        for method, fn in METHODS.items():
+            row = {"case": f"{'2D' if len(shape) == 5 else '3D'} {'x'.join(map(str, shape))} k{kernel}",
+                   "method": method}
+            if method == "natten" and not have_natten:
+                row["note"] = "natten not installed"
+            elif _bytes_needed(method, shape, kernel) > limit:
+                row["note"] = f"skipped: needs ~{_bytes_needed(method, shape, kernel) / 2**30:.0f} GiB"
+            elif method == "SDPA full attention" and len(shape) == 6:
+                row["note"] = "skipped: N^2 = 1.1e9 logits per head"
+            else:
+                reps = 1 if len(shape) == 6 else 5
+                row["fwd_ms"] = _time(fn, shape, kernel, False, reps)
+                row["fwd_bwd_ms"] = _time(fn, shape, kernel, True, reps)
+                row["peak_mib"] = _peak_mib(method, shape, kernel)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
+def render(rows: list[dict]) -> str:
+    lines = [
+        "# Benchmarks",
+        "",
+        "Generated by `python tools/benchmark.py ops`; every row of a table comes from the same run.",
+        f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
+        f"{torch.__version__}.",
+        "",
+        "## Neighborhood attention (CPU, fp32)",
+        "",
+        "Median wall time of forward and forward+backward; peak = RSS growth of a fresh process running one "
+        "forward+backward.",
+        "",
+        "| case | method | fwd ms | fwd+bwd ms | peak MiB | ratio fwd+bwd vs attnseg cpu | note |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    base = {r["case"]: r.get("fwd_bwd_ms") for r in rows if r["method"] == "attnseg cpu"}
+
+    def fmt(x, spec=".1f"):
+        return format(x, spec) if isinstance(x, float) else "–"
+
+    for r in rows:
+        ratio = (f"{r['fwd_bwd_ms'] / base[r['case']]:.2f}x" if r.get("fwd_bwd_ms") and base.get(r["case"])
+                 else "–")
+        lines.append(f"| {r['case']} | {r['method']} | {fmt(r.get('fwd_ms'))} | {fmt(r.get('fwd_bwd_ms'))} | "
+                     f"{fmt(r.get('peak_mib'), '.0f')} | {ratio} | {r.get('note', '')} |")
+    lines += ["", "Targets from issue 3 (2-core CPU), checked against the rows above:", ""]
+    by = {(r["case"], r["method"]): r for r in rows}
+    cpu2d, naive2d = by.get(("2D 1x56x56x4x32 k7", "attnseg cpu"), {}), by.get(("2D 1x56x56x4x32 k7", "naive gather"), {})
+    cpu3d = by.get(("3D 1x32x32x32x4x32 k7", "attnseg cpu"), {})
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "NOT met"
+
+    if cpu2d.get("fwd_ms"):
+        lines.append(f"- 2D k7 forward <= 10 ms: {cpu2d['fwd_ms']:.1f} ms, {verdict(cpu2d['fwd_ms'] <= 10)}")
+        lines.append(f"- 2D k7 forward+backward <= 25 ms: {cpu2d['fwd_bwd_ms']:.1f} ms, "
+                     f"{verdict(cpu2d['fwd_bwd_ms'] <= 25)}")
+    if cpu2d.get("fwd_bwd_ms") and naive2d.get("fwd_bwd_ms"):
+        speedup = naive2d["fwd_bwd_ms"] / cpu2d["fwd_bwd_ms"]
+        lines.append(f"- >= 20x faster than the naive gather (fwd+bwd): {speedup:.1f}x, {verdict(speedup >= 20)}")
+    if cpu3d.get("peak_mib"):
+        lines.append(f"- 3D 32^3 k7 forward+backward under 1 GiB: {cpu3d['peak_mib']:.0f} MiB, "
+                     f"{verdict(cpu3d['peak_mib'] < 1024)}")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("suite", choices=["ops"])
+    parser.add_argument("--quick", action="store_true", help="2D case only")
+    parser.add_argument("--out", default=str(REPO / "docs" / "benchmarks.md"))
+    args = parser.parse_args(argv)
+    rows = bench_ops(args.quick)
+    Path(args.out).write_text(render(rows))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
