@@ -37,6 +37,15 @@ def _chunks(n: int, k: int, d: int, bh: int, itemsize: int) -> list[tuple[int, i
     return [(a, min(a + c, k)) for a in range(0, k, c)]
 
 
+def _window(t: torch.Tensor, key: torch.Tensor, a0: int, a1: int) -> torch.Tensor:
+    """Rows of ``t [BH, N, D]`` at the slots ``a0:a1`` of every query: ``[BH, N, a1 - a0, D]``.
+
+    ``index_select`` on a flat index is several times faster on CPU than advanced indexing with a 2-D index.
+    """
+    idx = key[:, a0:a1].reshape(-1)
+    return t.index_select(1, idx).view(t.shape[0], key.shape[0], a1 - a0, t.shape[-1])
+
+
 class _FusedNA(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, bias, key, valid, scale, ak, av):  # noqa: ANN001 - autograd signature
@@ -47,7 +56,7 @@ class _FusedNA(torch.autograd.Function):
         acc = torch.promote_types(q.dtype, torch.float32)
         logits = torch.empty(bh, n, kk, dtype=acc)
         for a0, a1 in _chunks(n, kk, d, bh, q.element_size()):
-            kw = k[:, key[:, a0:a1]]  # [BH, N, c, D]
+            kw = _window(k, key, a0, a1)  # [BH, N, c, D]
             logits[..., a0:a1] = torch.einsum("bnd,bncd->bnc", q, kw).to(acc)
         logits.mul_(scale)
         if bias is not None:
@@ -67,7 +76,7 @@ class _FusedNA(torch.autograd.Function):
         lse = (row_max + denom.log()).squeeze(-1)
         out = torch.zeros(bh, n, v.shape[-1], dtype=acc)
         for a0, a1 in _chunks(n, kk, v.shape[-1], bh, v.element_size()):
-            out += torch.einsum("bnc,bncd->bnd", probs[..., a0:a1], v[:, key[:, a0:a1]].to(acc))
+            out += torch.einsum("bnc,bncd->bnd", probs[..., a0:a1], _window(v, key, a0, a1).to(acc))
         if extra is not None:
             out += torch.einsum("bne,bed->bnd", extra, av.to(acc))
         ctx.save_for_backward(q, k, v, key, probs, ak, av, extra)
@@ -87,7 +96,7 @@ class _FusedNA(torch.autograd.Function):
         dprobs = torch.empty_like(probs)
         dv = torch.zeros(v.shape, dtype=acc)
         for a0, a1 in _chunks(n, kk, v.shape[-1], bh, 4):
-            vw = v[:, key[:, a0:a1]].to(acc)  # [BH, N, c, Dv]
+            vw = _window(v, key, a0, a1).to(acc)  # [BH, N, c, Dv]
             dprobs[..., a0:a1] = torch.einsum("bnd,bncd->bnc", go, vw)
             contrib = probs[..., a0:a1, None] * go[:, :, None, :]  # [BH, N, c, Dv]
             dv.index_add_(1, key[:, a0:a1].reshape(-1), contrib.reshape(bh, -1, v.shape[-1]))
@@ -106,7 +115,7 @@ class _FusedNA(torch.autograd.Function):
         dk = torch.zeros(k.shape, dtype=acc)
         qa = q.to(acc)
         for a0, a1 in _chunks(n, kk, d, bh, 4):
-            kw = k[:, key[:, a0:a1]].to(acc)
+            kw = _window(k, key, a0, a1).to(acc)
             ds = dlogits[..., a0:a1]
             dq += torch.einsum("bnc,bncd->bnd", ds, kw)
             dk.index_add_(1, key[:, a0:a1].reshape(-1), (ds[..., None] * qa[:, :, None, :]).reshape(bh, -1, d))
