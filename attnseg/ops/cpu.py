@@ -1,4 +1,4 @@
-"""The ``cpu`` backend: fused neighborhood attention in eager PyTorch with O(N * K) memory.
+"""The ``cpu`` backend: fused and unfused neighborhood attention in eager PyTorch with O(N * K) memory.
 
 Keys and values of each query's window are gathered through the window tables a chunk of slots at a time
 (``[B*H, N, chunk, D]``, sized to stay under ``_CHUNK_BYTES``), so memory is the ``[B*H, N, K]`` attention
@@ -16,7 +16,7 @@ import torch
 
 from attnseg.ops.windows import rpb_table, window_table
 
-__all__ = ["na_fused_cpu", "can_run_cpu"]
+__all__ = ["na_fused_cpu", "na_qk_cpu", "na_av_cpu", "can_run_cpu"]
 
 _CHUNK_BYTES = 32 * 2**20
 
@@ -26,8 +26,6 @@ def can_run_cpu(*tensors: torch.Tensor, op: str = "fused", **_: Any) -> str | No
         return "inputs are not on the CPU"
     if any(t.dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16) for t in tensors):
         return f"unsupported dtype {tensors[0].dtype}"
-    if op != "fused":
-        return "only the fused op is implemented (unfused ops use the reference backend)"
     return None
 
 
@@ -46,19 +44,64 @@ def _window(t: torch.Tensor, key: torch.Tensor, a0: int, a1: int) -> torch.Tenso
     return t.index_select(1, idx).view(t.shape[0], key.shape[0], a1 - a0, t.shape[-1])
 
 
+# -- chunked primitives shared by the fused and the unfused ops ---------------------------------------------
+
+
+def _window_logits(q: torch.Tensor, k: torch.Tensor, key: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """``[BH, N, K]``: dot product of each query with each of its window keys."""
+    bh, n, d = q.shape
+    kk = key.shape[1]
+    logits = torch.empty(bh, n, kk, dtype=acc)
+    for a0, a1 in _chunks(n, kk, d, bh, q.element_size()):
+        logits[..., a0:a1] = torch.einsum("bnd,bncd->bnc", q, _window(k, key, a0, a1)).to(acc)
+    return logits
+
+
+def _window_sum(weights: torch.Tensor, v: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """``[BH, N, Dv]``: each query's window values weighted by ``weights [BH, N, K]``."""
+    bh, n, kk = weights.shape
+    out = torch.zeros(bh, n, v.shape[-1], dtype=weights.dtype)
+    for a0, a1 in _chunks(n, kk, v.shape[-1], bh, v.element_size()):
+        out += torch.einsum("bnc,bncd->bnd", weights[..., a0:a1], _window(v, key, a0, a1).to(weights.dtype))
+    return out
+
+
+def _window_sum_backward(weights: torch.Tensor, v: torch.Tensor, key: torch.Tensor,
+                         grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`_window_sum` for ``weights`` and ``v`` (scatter with ``index_add_``)."""
+    bh, n, kk = weights.shape
+    dv_dim = v.shape[-1]
+    dweights = torch.empty_like(weights)
+    dv = torch.zeros(v.shape, dtype=weights.dtype)
+    for a0, a1 in _chunks(n, kk, dv_dim, bh, 4):
+        dweights[..., a0:a1] = torch.einsum("bnd,bncd->bnc", grad, _window(v, key, a0, a1).to(weights.dtype))
+        contrib = weights[..., a0:a1, None] * grad[:, :, None, :]  # [BH, N, c, Dv]
+        dv.index_add_(1, key[:, a0:a1].reshape(-1), contrib.reshape(bh, -1, dv_dim))
+    return dweights, dv
+
+
+def _window_logits_backward(dlogits: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                            key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`_window_logits` for ``q`` and ``k``."""
+    bh, n, d = q.shape
+    acc = dlogits.dtype
+    dq = torch.zeros(q.shape, dtype=acc)
+    dk = torch.zeros(k.shape, dtype=acc)
+    qa = q.to(acc)
+    for a0, a1 in _chunks(n, key.shape[1], d, bh, 4):
+        ds = dlogits[..., a0:a1]
+        dq += torch.einsum("bnc,bncd->bnd", ds, _window(k, key, a0, a1).to(acc))
+        dk.index_add_(1, key[:, a0:a1].reshape(-1), (ds[..., None] * qa[:, :, None, :]).reshape(bh, -1, d))
+    return dq, dk
+
+
 class _FusedNA(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, bias, key, valid, scale, ak, av):  # noqa: ANN001 - autograd signature
         # q, k: [BH, N, D]; v: [BH, N, Dv]; bias: [BH or 1, N, K] or None; key/valid: [N, K];
         # ak: [BH, E, D] / av: [BH, E, Dv] or None.
-        bh, n, d = q.shape
-        kk = key.shape[1]
         acc = torch.promote_types(q.dtype, torch.float32)
-        logits = torch.empty(bh, n, kk, dtype=acc)
-        for a0, a1 in _chunks(n, kk, d, bh, q.element_size()):
-            kw = _window(k, key, a0, a1)  # [BH, N, c, D]
-            logits[..., a0:a1] = torch.einsum("bnd,bncd->bnc", q, kw).to(acc)
-        logits.mul_(scale)
+        logits = _window_logits(q, k, key, acc).mul_(scale)
         if bias is not None:
             logits.add_(bias)
         logits.masked_fill_(~valid, float("-inf"))
@@ -74,9 +117,7 @@ class _FusedNA(torch.autograd.Function):
             extra = extra / denom
         probs.div_(denom)
         lse = (row_max + denom.log()).squeeze(-1)
-        out = torch.zeros(bh, n, v.shape[-1], dtype=acc)
-        for a0, a1 in _chunks(n, kk, v.shape[-1], bh, v.element_size()):
-            out += torch.einsum("bnc,bncd->bnd", probs[..., a0:a1], _window(v, key, a0, a1).to(acc))
+        out = _window_sum(probs, v, key)
         if extra is not None:
             out += torch.einsum("bne,bed->bnd", extra, av.to(acc))
         ctx.save_for_backward(q, k, v, key, probs, ak, av, extra)
@@ -89,17 +130,9 @@ class _FusedNA(torch.autograd.Function):
     def backward(ctx, grad_out, grad_lse):  # noqa: ANN001
         q, k, v, key, probs, ak, av, extra = ctx.saved_tensors
         scale = ctx.scale
-        bh, n, d = q.shape
-        kk = key.shape[1]
         acc = probs.dtype
         go = grad_out.to(acc)
-        dprobs = torch.empty_like(probs)
-        dv = torch.zeros(v.shape, dtype=acc)
-        for a0, a1 in _chunks(n, kk, v.shape[-1], bh, 4):
-            vw = _window(v, key, a0, a1).to(acc)  # [BH, N, c, Dv]
-            dprobs[..., a0:a1] = torch.einsum("bnd,bncd->bnc", go, vw)
-            contrib = probs[..., a0:a1, None] * go[:, :, None, :]  # [BH, N, c, Dv]
-            dv.index_add_(1, key[:, a0:a1].reshape(-1), contrib.reshape(bh, -1, v.shape[-1]))
+        dprobs, dv = _window_sum_backward(probs, v, key, go)
         row = torch.einsum("bnk,bnk->bn", probs, dprobs).unsqueeze(-1)
         dextra = None
         if extra is not None:
@@ -111,24 +144,73 @@ class _FusedNA(torch.autograd.Function):
             dlogits.addcmul_(probs, grad_lse.to(acc)[..., None])
             if dextra is not None:
                 dextra = dextra + extra * grad_lse.to(acc)[..., None]
-        dq = torch.zeros(q.shape, dtype=acc)
-        dk = torch.zeros(k.shape, dtype=acc)
-        qa = q.to(acc)
-        for a0, a1 in _chunks(n, kk, d, bh, 4):
-            kw = _window(k, key, a0, a1).to(acc)
-            ds = dlogits[..., a0:a1]
-            dq += torch.einsum("bnc,bncd->bnd", ds, kw)
-            dk.index_add_(1, key[:, a0:a1].reshape(-1), (ds[..., None] * qa[:, :, None, :]).reshape(bh, -1, d))
+        dq, dk = _window_logits_backward(dlogits, q, k, key)
         dak = dav = None
         if extra is not None:
             dq += torch.einsum("bne,bed->bnd", dextra, ak.to(acc))
-            dak = (torch.einsum("bne,bnd->bed", dextra, qa) * scale).to(ak.dtype)
+            dak = (torch.einsum("bne,bnd->bed", dextra, q.to(acc)) * scale).to(ak.dtype)
             dav = torch.einsum("bne,bnd->bed", extra, go).to(av.dtype)
         dbias = None
         if ctx.has_bias:
             dbias = dlogits if ctx.bias_batched else dlogits.sum(0, keepdim=True)
         return ((dq * scale).to(q.dtype), (dk * scale).to(k.dtype), dv.to(v.dtype), dbias, None, None, None, dak,
                 dav)
+
+
+class _WindowLogits(torch.autograd.Function):
+    """Unfused ``qk``: ``[BH, N, D] x [BH, N, D] -> [BH, N, K]`` (no mask, no bias; added outside)."""
+
+    @staticmethod
+    def forward(ctx, q, k, key):  # noqa: ANN001
+        ctx.save_for_backward(q, k, key)
+        return _window_logits(q, k, key, q.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001
+        q, k, key = ctx.saved_tensors
+        dq, dk = _window_logits_backward(grad, q, k, key)
+        return dq.to(q.dtype), dk.to(k.dtype), None
+
+
+class _WindowSum(torch.autograd.Function):
+    """Unfused ``av``: ``[BH, N, K] x [BH, N, Dv] -> [BH, N, Dv]``."""
+
+    @staticmethod
+    def forward(ctx, weights, v, key):  # noqa: ANN001
+        ctx.save_for_backward(weights, v, key)
+        return _window_sum(weights, v, key).to(v.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001
+        weights, v, key = ctx.saved_tensors
+        dweights, dv = _window_sum_backward(weights, v, key, grad.to(weights.dtype))
+        return dweights, dv.to(v.dtype), None
+
+
+def na_qk_cpu(q: torch.Tensor, k: torch.Tensor, kernel: tuple[int, ...], dilation: tuple[int, ...],
+              causal: tuple[bool, ...], rpb: torch.Tensor | None, mode: str = "natten") -> torch.Tensor:
+    """Heads-first unfused logits on the CPU; same contract as :func:`reference.na_qk_reference`."""
+    batch, heads, *spatial, dim = q.shape
+    n = math.prod(spatial)
+    ones = (1,) * len(spatial)
+    key, valid = window_table(tuple(spatial), kernel, dilation, ones, causal, mode)
+    logits = _WindowLogits.apply(q.reshape(batch * heads, n, dim), k.reshape(batch * heads, n, dim), key)
+    logits = logits.view(batch, heads, n, key.shape[1])
+    if rpb is not None:
+        idx = rpb_table(tuple(spatial), kernel, dilation, ones, causal, mode)
+        logits = logits + rpb.reshape(heads, -1)[:, idx].to(logits.dtype)
+    return logits.masked_fill(~valid, float("-inf")).reshape(batch, heads, *spatial, key.shape[1])
+
+
+def na_av_cpu(attn: torch.Tensor, v: torch.Tensor, kernel: tuple[int, ...], dilation: tuple[int, ...],
+              causal: tuple[bool, ...], mode: str = "natten") -> torch.Tensor:
+    """Heads-first unfused aggregation on the CPU; same contract as :func:`reference.na_av_reference`."""
+    batch, heads, *spatial, dim = v.shape
+    n = math.prod(spatial)
+    key, valid = window_table(tuple(spatial), kernel, dilation, (1,) * len(spatial), causal, mode)
+    weights = attn.reshape(batch * heads, n, key.shape[1]).masked_fill(~valid, 0)
+    out = _WindowSum.apply(weights, v.reshape(batch * heads, n, dim), key)
+    return out.reshape(batch, heads, *spatial, dim)
 
 
 def na_fused_cpu(

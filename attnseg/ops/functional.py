@@ -98,7 +98,7 @@ def _reference_can_run(*tensors: torch.Tensor, **_: Any) -> str | None:
 
 
 BACKENDS: dict[str, Backend] = {
-    "cpu": Backend("cpu", cpu.can_run_cpu, cpu.na_fused_cpu, None, None),
+    "cpu": Backend("cpu", cpu.can_run_cpu, cpu.na_fused_cpu, cpu.na_qk_cpu, cpu.na_av_cpu),
     "reference": Backend("reference", _reference_can_run, reference.na_fused_reference, reference.na_qk_reference,
                          reference.na_av_reference),
 }

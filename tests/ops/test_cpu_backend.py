@@ -74,8 +74,44 @@ def test_cpu_is_chosen_automatically_for_cpu_tensors():
     with ops.use_backend("cpu"):
         a = ops.na2d(x, x, x, 3)
     assert torch.equal(a, ops.na2d(x, x, x, 3))
-    with pytest.raises(ValueError, match="backend 'cpu' cannot run this qk call"):
-        ops.na2d_qk(x.movedim(-2, 1), x.movedim(-2, 1), 3, backend="cpu")
+    with pytest.raises(ValueError, match="backend 'cpu' cannot run this fused call: unsupported dtype"):
+        ops.na2d(x.long(), x.long(), x.long(), 3, backend="cpu")
+
+
+@pytest.mark.parametrize("mode", ["natten", "zeropad"])
+def test_unfused_cpu_matches_reference_with_gradients(mode):
+    rng = random.Random(1)
+    for i in range(SWEEPS // 2):
+        ndim, shape, kw = _random_case(rng)
+        kernel, dilation, causal = kw["kernel_size"], kw["dilation"], kw["is_causal"]
+        if mode == "zeropad":
+            dilation, causal = [1] * ndim, [False] * ndim
+        torch.manual_seed(i)
+        q, k, v = (torch.randn(2, 3, *shape, 8, requires_grad=True) for _ in range(3))
+        rpb = torch.randn(3, *[2 * kk - 1 for kk in kernel], requires_grad=True) if mode == "natten" else None
+        qk, av = getattr(ops, f"na{ndim}d_qk"), getattr(ops, f"na{ndim}d_av")
+        leaves = [t for t in (q, k, v, rpb) if t is not None]
+        results = []
+        for backend in ("cpu", "reference"):
+            logits = qk(q, k, kernel, dilation, rpb=rpb, is_causal=causal, backend=backend, mode=mode)
+            out = av(logits.softmax(-1), v, kernel, dilation, is_causal=causal, backend=backend, mode=mode)
+            grads = torch.autograd.grad(out.square().sum(), leaves)
+            results.append((logits, out, grads))
+        (l1, o1, g1), (l2, o2, g2) = results
+        case = (ndim, shape, kernel, dilation, causal, mode)
+        assert torch.equal(torch.isfinite(l1), torch.isfinite(l2)), case
+        assert torch.allclose(l1[torch.isfinite(l1)], l2[torch.isfinite(l2)], atol=1e-5), case
+        assert torch.allclose(o1, o2, atol=1e-5), case
+        for a, b in zip(g1, g2):
+            assert torch.allclose(a, b, atol=1e-4), case
+
+
+def test_unfused_gradcheck_float64():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 5, 6, 3, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    w = torch.rand(1, 2, 5, 6, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda q, k: ops.na2d_qk(q, k, (3, 2), dilation=(1, 2), backend="cpu"), (q, k))
+    assert torch.autograd.gradcheck(lambda w, v: ops.na2d_av(w, v, (3, 2), dilation=(1, 2), backend="cpu"), (w, v))
 
 
 @pytest.mark.slow

@@ -6,8 +6,12 @@ from attnseg import ops
 from tests.conftest import load_fixture
 
 
+BACKENDS = ["cpu", "reference"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("fixture", ["na1d_fused_natten.pt", "na2d_fused_natten.pt", "na3d_fused_natten.pt"])
-def test_fused_matches_natten_fixtures(fixture):
+def test_fused_matches_natten_fixtures(fixture, backend):
     fx = load_fixture(fixture)
     tol = fx["tolerance"]
     for case in fx["cases"]:
@@ -16,28 +20,31 @@ def test_fused_matches_natten_fixtures(fixture):
         if "additional_keys" in case:
             extra = {"additional_keys": case["additional_keys"], "additional_values": case["additional_values"]}
         if "lse" in case:
-            out, lse = fn(case["q"], case["k"], case["v"], **case["kwargs"], **extra, return_lse=True)
+            out, lse = fn(case["q"], case["k"], case["v"], **case["kwargs"], **extra, return_lse=True,
+                          backend=backend)
             assert torch.allclose(lse, case["lse"], **tol), case["name"]
         else:
-            out = fn(case["q"], case["k"], case["v"], **case["kwargs"], **extra)
+            out = fn(case["q"], case["k"], case["v"], **case["kwargs"], **extra, backend=backend)
         assert torch.allclose(out, case["output"], **tol), case["name"]
 
 
-def test_unfused_matches_natten_0_17_fixture():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unfused_matches_natten_0_17_fixture(backend):
     fx = load_fixture("na_unfused_oldapi.pt")
     tol = fx["tolerance"]
     for case in fx["cases"]:
         kw = case["kwargs"]
         qk, av = getattr(ops, case["op_qk"]), getattr(ops, case["op_av"])
         logits = qk(case["query_scaled"], case["key"], kw["kernel_size"], kw["dilation"], rpb=case["rpb"],
-                    is_causal=kw["is_causal"])
+                    is_causal=kw["is_causal"], backend=backend)
         finite = torch.isfinite(case["attn_logits"])
         assert torch.equal(torch.isfinite(logits), finite), case["name"]
         assert torch.allclose(logits[finite], case["attn_logits"][finite], **tol), case["name"]
-        out = av(case["attn_softmax"], case["value"], kw["kernel_size"], kw["dilation"], is_causal=kw["is_causal"])
+        out = av(case["attn_softmax"], case["value"], kw["kernel_size"], kw["dilation"], is_causal=kw["is_causal"],
+                 backend=backend)
         assert torch.allclose(out, case["output"], **tol), case["name"]
         out = av(case["av_weights_random"], case["value"], kw["kernel_size"], kw["dilation"],
-                 is_causal=kw["is_causal"])
+                 is_causal=kw["is_causal"], backend=backend)
         assert torch.allclose(out, case["av_output_random"], **tol), case["name"]
 
 
@@ -80,7 +87,8 @@ def test_gradcheck_float64():
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, 5, 6, 2, 3, dtype=torch.float64, requires_grad=True) for _ in range(3))
     rpb = torch.randn(2, 5, 3, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda *t: ops.na2d(*t[:3], (3, 2), dilation=(1, 2), rpb=t[3]), (q, k, v, rpb))
+    assert torch.autograd.gradcheck(
+        lambda *t: ops.na2d(*t[:3], (3, 2), dilation=(1, 2), rpb=t[3], backend="reference"), (q, k, v, rpb))
 
 
 def test_errors_name_the_axis_and_values():
