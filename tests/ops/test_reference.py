@@ -5,7 +5,6 @@ import torch.nn.functional as F
 from attnseg import ops
 from tests.conftest import load_fixture
 
-
 BACKENDS = ["cpu", "reference"]
 
 
