@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attnseg.ops.functional import _na_av, _na_qk, normalize_params
+from attnseg.ops.functional import _na_av, _na_qk
 
 __all__ = ["NeighborhoodAttention1D", "NeighborhoodAttention2D", "NeighborhoodAttention3D"]
 
@@ -73,7 +73,6 @@ class NeighborhoodAttentionND(nn.Module):
         qkv = self.qkv(x).reshape(batch, *padded, 3, self.num_heads, self.head_dim)
         qkv = qkv.permute(n + 1, 0, n + 2, *range(1, n + 1), n + 3)  # [3, B, heads, *S, head_dim]
         q, k, v = qkv[0] * self.scale, qkv[1], qkv[2]
-        normalize_params(padded, self.kernel_size, self.dilation, 1, False)  # clear errors before the op
         attn = _na_qk(n, q, k, self.kernel_size, self.dilation, self.rpb, False, None, "natten")
         attn = self.attn_drop(attn.softmax(dim=-1))
         out = _na_av(n, attn, v, self.kernel_size, self.dilation, False, None, "natten")  # [B, heads, *S, hd]
