@@ -1,17 +1,40 @@
 """Loading checkpoints safely, whatever their origin, and saving them atomically.
 
-``load_pretrained(model, path)`` accepts attnseg and Lightning checkpoints, official research-repo files
-and timm/mm-style files: it unwraps ``{'model'|'state_dict'|'state_dict_ema'|'module': ...}``, strips the
-prefixes that wrappers add (``model.`` from a Lightning task, ``module.`` from DDP, ``backbone.`` from
-mm-style dense checkpoints or from an attnseg Segmentor when loading a bare backbone), applies the model
-family's converter to official key layouts, checks every shape, and returns a :class:`LoadReport`.
-Pickles are read with ``weights_only=True``: a file that needs code execution to unpickle is refused.
+:func:`load_pretrained` accepts attnseg and Lightning checkpoints, official research-repo files and
+timm/mm-style files:
+
+1. Read: ``.safetensors`` with ``safetensors.torch.load_file``; anything else (``.pth``, ``.pt``,
+   ``.ckpt``, ``.bin``) with ``torch.load(map_location='cpu', weights_only=True)``. A pickle that needs
+   code execution is refused (:class:`~attnseg.errors.CheckpointError`), and nothing in it runs.
+2. Unwrap ``{'state_dict_ema'|'model_ema'|'state_dict'|'model'|'module': ...}`` (nested up to 3 deep; the
+   EMA weights win when a timm training checkpoint holds both, as in timm's ``load_checkpoint``).
+3. Strip wrapper prefixes the model lacks: ``model.`` (Lightning task), ``module.`` (DDP),
+   ``_orig_mod.`` (``torch.compile``), ``backbone.`` (mm-style dense checkpoints, or an attnseg Segmentor
+   loaded into a bare backbone). Keys outside the kept prefix (a decoder, a loss buffer) are set aside and
+   listed in ``report.ignored``.
+4. Convert: when the keys do not fit the model and the model (or its ``backbone``) has a ``family`` with a
+   converter in :mod:`attnseg.convert`, the converter renames them (official layouts). A backbone-only
+   checkpoint loaded into a Segmentor/Classifier gets the ``backbone.`` prefix.
+5. Compare key by key and shape by shape, then load.
+
+Models declare how they relate to published checkpoints with optional attributes (on the model or any
+submodule, e.g. the backbone of a Segmentor):
+
+- ``family``: the converter module's name;
+- ``get_classifier()``: the last classification layer; its keys are dropped (``report.dropped``) when the
+  checkpoint was trained for another number of classes;
+- ``new_key_prefixes``: prefixes of the module's own keys that published checkpoints lack (parameters
+  attnseg adds, e.g. MambaOut's ``pyramid_norms.``); they keep their initialisation and are listed in
+  ``report.initialized``, never an error;
+- ``head_key_prefixes``: prefixes of checkpoint keys that belong to a classification head; dropped and
+  reported when the module has no such keys (built with ``num_classes=0``).
 """
 
 from __future__ import annotations
 
 import os
 import pickle
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,27 +45,40 @@ from torch import nn
 
 from attnseg.errors import CheckpointError
 
-__all__ = ["LoadReport", "load_pretrained", "read_state_dict", "save_atomic"]
+__all__ = ["LoadReport", "load_pretrained", "read_state_dict", "save_state_dict_atomic"]
 
 _WRAPPER_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model", "module")
-_PREFIXES = ("model.", "module.", "_orig_mod.")
+_PREFIXES = ("model.", "module.", "_orig_mod.", "backbone.")
 
 
 @dataclass
 class LoadReport:
-    """What a load did: keys missing from the checkpoint, keys it had that the model lacks, shape
-    mismatches (key, checkpoint shape, model shape), classifier keys dropped for another class count, and
-    keys set aside because they belong to another part of a wrapped model (e.g. a decoder)."""
+    """What :func:`load_pretrained` did.
+
+    Attributes:
+        missing: model keys the checkpoint does not provide (left as they were).
+        unexpected: checkpoint keys the model does not have (not loaded).
+        mismatched: ``(key, checkpoint shape, model shape)`` for keys of another shape (only ever
+            non-empty in a report attached to an error: any such key refuses the load).
+        dropped: classifier keys skipped because the checkpoint has another class count, or a head the
+            model does not have.
+        initialized: model keys that published checkpoints lack by design (``new_key_prefixes``).
+        ignored: checkpoint keys set aside with a wrapper prefix (e.g. a decoder's keys when a Segmentor
+            checkpoint is loaded into a bare backbone).
+        converted: the converter family applied, if any.
+    """
 
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
+    initialized: list[str] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
+    converted: str | None = None
 
     def __str__(self) -> str:
-        parts = []
-        for name in ("missing", "unexpected", "mismatched", "dropped", "ignored"):
+        parts = [f"converted from the {self.converted} layout"] if self.converted else []
+        for name in ("missing", "unexpected", "mismatched", "dropped", "initialized", "ignored"):
             items = getattr(self, name)
             if items:
                 parts.append(f"{name} ({len(items)}): {_abbrev(items)}")
@@ -55,7 +91,12 @@ def _abbrev(items: list[Any], n: int = 10) -> str:
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a checkpoint file into a flat ``{name: tensor}`` dict (no code execution, wrappers removed)."""
+    """Read a checkpoint file into a flat ``{name: tensor}`` dict, without executing code, wrappers removed.
+
+    Raises:
+        CheckpointError: the file is missing, unreadable, needs code execution to unpickle, or holds no
+            state_dict.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -66,17 +107,29 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         except Exception as e:  # noqa: BLE001 - safetensors raises several types for a bad file
             raise CheckpointError(f"cannot read safetensors file {path}: {e}") from None
+    if not _looks_like_torch_file(path):
+        raise CheckpointError(f"cannot read checkpoint {path}: not a PyTorch file (neither a torch.save zip archive "
+                              "nor a pickle) and not named .safetensors")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        m = re.search(r"WeightsUnpickler error:\s*(.*?)(?:\n\n|$)", str(e), flags=re.DOTALL)
+        reason = (m.group(1) if m else str(e).splitlines()[0]).strip().split(". ")[0][:200]
         raise CheckpointError(
-            f"refused to load {path}: it contains objects that need code execution to unpickle "
-            f"({str(e).splitlines()[0][:200]}). attnseg loads checkpoints with weights_only=True; re-save the "
-            "state_dict (torch.save(model.state_dict(), ...)) from a trusted environment."
+            f"refused to load {path}: the safe (weights_only=True) unpickler cannot read it ({reason}). Files "
+            "whose objects need code execution to unpickle are refused; re-save the state_dict "
+            "(torch.save(model.state_dict(), ...)) from a trusted environment."
         ) from None
-    except Exception as e:  # noqa: BLE001 - truncated zip, not a torch file, ...
+    except Exception as e:  # noqa: BLE001 - truncated zip, corrupt records, ...
         raise CheckpointError(f"cannot read checkpoint {path}: {e}") from None
     return _unwrap(obj, path)
+
+
+def _looks_like_torch_file(path: Path) -> bool:
+    """A ``torch.save`` zip archive, or a pickle (legacy ``torch.save`` files start with the PROTO opcode)."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
 
 
 def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
@@ -87,8 +140,8 @@ def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
                 break
             obj = obj[key]
     if not isinstance(obj, dict) or not _is_state_dict(obj):
-        raise CheckpointError(f"{path} does not contain a state_dict (top-level keys: {_abbrev(list(obj)[:20])})"
-                              if isinstance(obj, dict) else f"{path} does not contain a state_dict")
+        what = f"top-level keys: {_abbrev([str(k) for k in obj][:20])}" if isinstance(obj, dict) else type(obj).__name__
+        raise CheckpointError(f"{path} does not contain a state_dict ({what})")
     return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
 
 
@@ -104,82 +157,162 @@ def _strip_prefixes(sd: dict[str, torch.Tensor], model_keys: set[str]) -> tuple[
     ``decode_head.*``) likewise.
     """
     ignored: list[str] = []
-    for prefix in (*_PREFIXES, "backbone."):
+    for prefix in _PREFIXES:
         if any(k.startswith(prefix) for k in sd) and not any(k.startswith(prefix) for k in model_keys):
             ignored += [k for k in sd if not k.startswith(prefix)]
             sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
     return sd, ignored
 
 
+def _declared(model: nn.Module, attr: str) -> tuple[str, ...]:
+    """``attr`` prefixes declared by ``model`` and its submodules, qualified with the submodule's name."""
+    out: list[str] = []
+    for name, module in model.named_modules():
+        for prefix in getattr(type(module), attr, ()) or ():
+            out.append(f"{name}.{prefix}" if name else prefix)
+    return tuple(out)
+
+
+def _classifier_keys(model: nn.Module) -> set[str]:
+    keys: set[str] = set()
+    for name, module in model.named_modules():
+        get = getattr(module, "get_classifier", None)
+        classifier = get() if callable(get) else None
+        if isinstance(classifier, nn.Module):
+            qual = next((n for n, m in module.named_modules() if m is classifier), None)
+            if qual is not None:
+                base = ".".join(p for p in (name, qual) if p)
+                keys |= {f"{base}.{k}" for k in classifier.state_dict()}
+    return keys
+
+
+def _family_scope(model: nn.Module, family: str | None) -> tuple[str | None, str]:
+    """The converter family and the key prefix of the module it applies to (``""`` or ``"backbone."``)."""
+    if family is not None:
+        scope = "" if getattr(model, "family", None) == family or not hasattr(model, "backbone") else "backbone."
+        return family, scope
+    if getattr(model, "family", None):
+        return model.family, ""
+    backbone = getattr(model, "backbone", None)
+    if isinstance(backbone, nn.Module):
+        return getattr(backbone, "family", None), "backbone."
+    return None, ""
+
+
+def _fit(keys: set[str], model_keys: set[str]) -> float:
+    return len(keys & model_keys) / max(1, len(keys))
+
+
 def load_pretrained(
     model: nn.Module, path: str | os.PathLike, *, strict: bool = True, family: str | None = None
 ) -> LoadReport:
-    """Load a checkpoint into ``model`` and report what matched.
+    """Load a checkpoint into ``model`` and report what matched (see the module docstring for the steps).
 
     Args:
         model: the module to load into (a backbone, a Segmentor or a Classifier).
         path: ``.pth``/``.pt``/``.ckpt``/``.bin`` (read with ``weights_only=True``) or ``.safetensors``.
-        strict: raise on missing or unexpected keys (shape mismatches always raise, except classifier
-            layers of another class count, which are dropped and reported).
-        family: converter family to apply (default: ``model.family`` when the model has one).
+        strict: raise on missing or unexpected keys; with ``False`` they are only reported. Shape
+            mismatches and checkpoints of another model always raise; classifier keys of another class
+            count are dropped and reported either way.
+        family: converter family to apply (default: ``model.family``, else ``model.backbone.family``).
 
     Returns:
         A :class:`LoadReport`.
 
     Raises:
-        CheckpointError: missing or unreadable file, a pickle needing code execution, a checkpoint of
-            another model (the message lists the mismatched keys).
+        CheckpointError: a missing or unreadable file, a pickle needing code execution, a shape mismatch
+            or a checkpoint of another model (the message lists the keys), or, when ``strict``, missing or
+            unexpected keys.
+        ValueError: an explicit ``family`` without a converter.
+
+    Example::
+
+        >>> report = load_pretrained(mambaout_tiny(), "mambaout_tiny.pth")  # doctest: +SKIP
+        >>> report.initialized  # the pyramid norms, new in attnseg  # doctest: +SKIP
+        ['pyramid_norms.0.weight', ...]
     """
     sd = read_state_dict(path)
     model_sd = model.state_dict()
     model_keys = set(model_sd)
     sd, ignored = _strip_prefixes(sd, model_keys)
-    own_family = getattr(model, "family", None)
-    family = family or own_family or getattr(getattr(model, "backbone", None), "family", None)
-    from attnseg.convert import FAMILIES, convert_state_dict
-
-    if family in FAMILIES:
-        if own_family == family or not hasattr(model, "backbone"):
-            sd = convert_state_dict(family, sd)
-        elif not model_keys.intersection(sd):  # a backbone checkpoint loaded into a Segmentor/Classifier
-            sd = {f"backbone.{k}": v for k, v in convert_state_dict(family, sd).items()}
     report = LoadReport(ignored=ignored)
-    filtered: dict[str, torch.Tensor] = {}
+
+    explicit = family is not None
+    family, scope = _family_scope(model, family)
+    scope_keys = {k[len(scope):] for k in model_keys if k.startswith(scope)}
+    bare = bool(scope) and not any(k.startswith(scope) for k in sd)  # a backbone checkpoint, wrapped model
+    view = sd if not scope or bare else {k[len(scope):]: v for k, v in sd.items() if k.startswith(scope)}
+    if family is not None and _fit(set(view), scope_keys) < 0.5:
+        from attnseg.convert import families, get_converter
+
+        if explicit or family in families():
+            converter = get_converter(family)  # ValueError for an explicit family without a converter
+            is_official = getattr(converter, "is_official", None)
+            if is_official is None or is_official(view):
+                converted = converter.convert_state_dict(view)
+                report.converted = family
+                if bare:
+                    sd = converted
+                else:
+                    sd = {**{k: v for k, v in sd.items() if not k.startswith(scope)},
+                          **{scope + k: v for k, v in converted.items()}}
+    if bare and _fit(set(sd), scope_keys) > _fit(set(sd), model_keys):
+        sd = {scope + k: v for k, v in sd.items()}
+
+    classifier = _classifier_keys(model)
+    num_classes = getattr(model, "num_classes", None)
+    new_prefixes = _declared(model, "new_key_prefixes")
+    head_prefixes = _declared(model, "head_key_prefixes")
+    loadable: dict[str, torch.Tensor] = {}
     for key, value in sd.items():
         if key not in model_sd:
-            report.unexpected.append(key)
+            if key.startswith(head_prefixes) and not any(k.startswith(head_prefixes) for k in model_keys):
+                report.dropped.append(key)
+            else:
+                report.unexpected.append(key)
         elif tuple(value.shape) != tuple(model_sd[key].shape):
-            if _is_classifier(key):
+            if key in classifier or _is_class_layer(value.shape, model_sd[key].shape, num_classes):
                 report.dropped.append(key)
             else:
                 report.mismatched.append((key, tuple(value.shape), tuple(model_sd[key].shape)))
         else:
-            filtered[key] = value
-    report.missing = [k for k in model_sd if k not in filtered and k not in report.dropped]
-    foreign = len(filtered) < max(1, len(model_sd) // 2)
+            loadable[key] = value
+    for key in model_sd:
+        if key not in loadable and key not in report.dropped:
+            (report.initialized if key.startswith(new_prefixes) else report.missing).append(key)
+
+    expected = [k for k in model_sd if k.startswith(scope) and not k.startswith(new_prefixes)]
+    found = sum(k in loadable for k in expected)
+    foreign = found < max(1, len(expected) // 2)
     if report.mismatched or foreign:
         details = []
         if report.mismatched:
             details.append("shape mismatches (key: checkpoint vs model): "
                            + _abbrev([f"{k}: {list(a)} vs {list(b)}" for k, a, b in report.mismatched]))
         if foreign:
-            details.append(f"only {len(filtered)} of the model's {len(model_sd)} keys are in the checkpoint; "
+            details.append(f"only {found} of the {len(expected)} expected keys are in the checkpoint; "
                            f"missing: {_abbrev(report.missing)}; unexpected: {_abbrev(report.unexpected)}")
         raise CheckpointError(
             f"{path} does not fit {type(model).__name__} (a checkpoint of another model?): " + "; ".join(details)
         )
     if strict and (report.missing or report.unexpected):
         raise CheckpointError(f"{path} does not match {type(model).__name__}: {report}")
-    model.load_state_dict(filtered, strict=False)
+    model.load_state_dict(loadable, strict=False)
     return report
 
 
-def _is_classifier(key: str) -> bool:
-    return any(h in key for h in ("head.fc.", "classifier.", "fc.weight", "fc.bias")) and "pre_logits" not in key
+def _is_class_layer(ckpt_shape: torch.Size, model_shape: torch.Size, num_classes: int | None) -> bool:
+    """A final layer sized for another class count: only the first axis differs, and it is the model's."""
+    return (num_classes is not None and len(ckpt_shape) == len(model_shape) and len(model_shape) >= 1
+            and model_shape[0] == num_classes and tuple(ckpt_shape[1:]) == tuple(model_shape[1:]))
 
 
-def save_atomic(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file in the target's folder, fsync, then rename over ``path``."""
+def save_state_dict_atomic(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save(obj)`` to a temporary file in ``path``'s folder, fsync, then ``os.replace`` onto ``path``.
+
+    A crash leaves either the old file or the new one, never a truncated checkpoint; the temporary file is
+    removed on failure.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
