@@ -1,15 +1,54 @@
-"""Datasets and transforms; importing this package registers every dataset in ``DATASETS``."""
+"""Datasets and transforms; importing this package registers every dataset in ``DATASETS``.
+
+Registered: ``synthetic2d``, ``synthetic3d`` (:mod:`.synthetic`), ``folder2d``, ``imagefolder``
+(:mod:`.folder2d`). Each is called as ``factory(split=..., transform=..., **kwargs)`` and returns a dataset
+with ``num_classes``, ``class_names``, ``in_chans``, ``spatial_dims``, ``task`` and ``ignore_index``.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
-from attnseg.datasets import folder2d, synthetic  # noqa: F401
+import torch
+
+from attnseg.datasets import folder2d, synthetic  # noqa: F401  (registers the datasets)
+from attnseg.errors import DataError
 from attnseg.registry import DATASETS
 
-__all__ = ["build_dataset"]
+__all__ = ["build_dataset", "collate"]
 
 
-def build_dataset(name: str, split: str, transform: Any = None, **kwargs: Any) -> Any:
-    """The ``split`` of the registered dataset ``name`` (KeyError with a suggestion for unknown names)."""
+def build_dataset(name: str, split: str, transform: Callable[[dict], dict] | None = None, **kwargs: Any) -> Any:
+    """The ``split`` ('train' | 'val' | 'test') of the registered dataset ``name``.
+
+    Raises:
+        KeyError: for an unknown ``name``, with the closest registered names.
+    """
     return DATASETS.get(name)(split=split, transform=transform, **kwargs)
+
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Batch sample dicts: tensors are stacked (``image`` ``[B, C, *spatial]``, ``mask`` ``[B, *spatial]``,
+    ``label`` ``[B]``), anything else (``meta``) becomes a list.
+
+    Raises:
+        DataError: when tensors differ in shape, naming the sample ids and shapes (set ``augment.crop_size``,
+            or use batch size 1 for images of different sizes).
+    """
+    if not samples:
+        raise DataError("collate: empty batch")
+    out: dict[str, Any] = {}
+    for key in samples[0]:
+        values = [s[key] for s in samples]
+        if isinstance(values[0], torch.Tensor):
+            shapes = {tuple(v.shape) for v in values}
+            if len(shapes) > 1:
+                ids = [s.get("meta", {}).get("id", i) for i, s in enumerate(samples)]
+                listed = ", ".join(f"{i}: {list(v.shape)}" for i, v in zip(ids, values))
+                raise DataError(f"collate: '{key}' tensors differ in shape within a batch ({listed}); set "
+                                f"augment.crop_size (training) or a batch size of 1 for images of different sizes")
+            out[key] = torch.stack(values)
+        else:
+            out[key] = values
+    return out
