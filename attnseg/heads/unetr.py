@@ -1,23 +1,33 @@
 """The UNETR CNN decoder of Swin UNETR, over any backbone pyramid, in 2D and 3D.
 
-Papers: Hatamizadeh et al., "UNETR: Transformers for 3D Medical Image Segmentation" (WACV 2022) and
-"Swin UNETR: Swin Transformers for Semantic Segmentation of Brain Tumors in MRI Images" (BrainLes 2021).
-Reference implementation: Project-MONAI/MONAI ``monai/networks/nets/swin_unetr.py`` (decoder part).
+Papers: Hatamizadeh et al., "UNETR: Transformers for 3D Medical Image Segmentation" (WACV 2022,
+arXiv 2103.10504) and "Swin UNETR: Swin Transformers for Semantic Segmentation of Brain Tumors in MRI
+Images" (BrainLes 2021, arXiv 2201.01266). Reference code: Project-MONAI/MONAI
+``monai/networks/nets/swin_unetr.py`` (the decoder half of ``SwinUNETR``), written anew here.
 
-The decoder follows a channel plan ``[fs, 2fs, 4fs, 8fs, 16fs]`` at strides 2/4/8/16/32 plus a
-full-resolution block on the image (``encoder1``). Each backbone level is brought to its plan width by a
-residual block (Swin UNETR's ``encoder2/3/4/10``; with matching widths this is exactly the original), each
-decoder step is a transposed conv k2 s2 + concat + residual block, and a 1x1 conv gives the logits.
-Generalisations (heads.md §6.1):
+The decoder has a channel plan ``fs * s / 2`` at stride ``s`` (``[fs, 2fs, 4fs, 8fs, 16fs]`` at strides
+2/4/8/16/32) plus a full-resolution residual block on the image (``encoder1``). Each backbone level is brought
+to its plan width by a residual block (Swin UNETR's ``encoder2/3/4/10``; with matching widths this is exactly
+the original), each decoder step is a transposed conv k2 s2 + concat with the skip + residual block, and a
+1x1 conv gives the logits. Generalisations (reference/heads.md §6.1):
 
 - a pyramid without a stride-2 level (most backbones start at 4) gets one synthesized by a stride-2
   residual block on the image (``stem2``), keeping the five up-steps of the original;
-- pyramids with fewer levels (e.g. strides 4/8/16) decode from their deepest level;
+- a pyramid with fewer levels (e.g. strides 4/8/16) decodes from its deepest level, with the same plan;
 - ``raw_deep_skip=True`` feeds the stride-16 level to its decoder step without a residual block, as
-  Swin UNETR does (identity when widths match, else a 1x1 projection).
+  Swin UNETR does (identity when its width is ``8 * fs``, else a 1x1 projection ``encoder5``).
 
-The input must be divisible by the deepest stride so that every up-step doubles exactly;
-:class:`~attnseg.models.Segmentor` pads and crops back, so callers can pass any size.
+Modules are named as in MONAI's ``SwinUNETR``, by stride: ``encoder1`` (s1), ``encoder2`` (s2), ``encoder3``
+(s4), ``encoder4`` (s8), ``encoder5`` (s16, absent in the original), ``encoder10`` (s32); ``decoder{k}``
+outputs stride ``2**(k-1)``; ``out``. So with strides 2..32, widths equal to the plan and ``raw_deep_skip=True``,
+the decoder keys of a MONAI ``SwinUNETR`` state_dict (all but ``swinViT.*``) load into this head as they are,
+and the head fed MONAI's ``swinViT`` hidden states reproduces ``SwinUNETR.forward`` exactly (tested).
+
+Forward contract: ``forward(features, image)``. The raw (padded) image is part of the contract because
+``encoder1`` (and ``stem2``) run on it at full resolution. Every spatial size of ``image`` must be divisible
+by ``size_divisor`` (the deepest stride) so that every up-step doubles exactly, and level ``i`` must be
+``image_size / strides[i]``; :class:`~attnseg.models.Segmentor` pads and crops back, so its callers can pass
+any size.
 """
 
 from __future__ import annotations
@@ -27,29 +37,53 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from attnseg.layers.dims import conv_type
+from attnseg.errors import InputSizeError
+from attnseg.layers.dims import NormSpec, conv_type
 from attnseg.layers.unet_blocks import UnetOutBlock, UnetrBasicBlock, UnetrUpBlock
 from attnseg.registry import HEADS
 
-__all__ = ["UNETRHead"]
+__all__ = ["UNETRHead", "unetr_module_name"]
+
+MAX_STRIDE = 32
+
+
+def unetr_module_name(stride: int) -> str:
+    """MONAI ``SwinUNETR``'s name for the encoder-side block at ``stride`` (``encoder10`` at 32)."""
+    return "encoder10" if stride == 32 else f"encoder{stride.bit_length()}"
+
+
+def _check_strides(strides: list[int]) -> None:
+    rule = ("UNETRHead needs pyramid strides that start at 2 or 4 and double from level to level, up to at most "
+            f"{MAX_STRIDE} (e.g. [4, 8, 16, 32], [2, 4, 8, 16, 32] or [4, 8, 16])")
+    ok = (
+        bool(strides)
+        and strides[0] in (2, 4)
+        and all(b == 2 * a for a, b in zip(strides, strides[1:]))
+        and strides[-1] <= MAX_STRIDE
+    )
+    if not ok:
+        raise ValueError(f"{rule}, got strides={strides}")
 
 
 class UNETRHead(nn.Module):
-    """UNETR decoder head.
+    """UNETR decoder head over a backbone pyramid.
 
     Args:
         in_channels: channels of each pyramid level, shallow to deep.
-        strides: stride of each level; consecutive powers of two starting at 2 or 4 (e.g. 4, 8, 16, 32).
-        num_classes: output channels (1 = binary with sigmoid).
+        strides: stride of each level: starting at 2 or 4, doubling, at most 32 (e.g. ``[4, 8, 16, 32]``).
+        num_classes: output channels (1 = binary, thresholded by sigmoid > 0.5 in :meth:`postprocess`).
         spatial_dims: 2 or 3.
-        in_chans: image channels (for the full-resolution and synthesized stride-2 blocks).
-        feature_size: ``fs`` of the channel plan.
-        norm_name: norm of every block (``instance``, ``batch``, ``group``, ...).
-        raw_deep_skip: use the stride-16 level without a residual block (Swin UNETR's wiring).
-        dropout: dropout inside the residual blocks.
+        in_chans: image channels (input of ``encoder1`` and of the synthesized ``stem2``).
+        feature_size: ``fs`` of the channel plan (> 0; MONAI's multiple-of-12 rule concerns its Swin encoder only).
+        norm_name: norm of every block (``instance``, ``instance_affine``, ``batch``, ``group``, ``layer`` or
+            MONAI's ``(name, {kwargs})`` pair, e.g. ``("group", {"num_groups": 4})``).
+        res_block: residual blocks (``True``, Swin UNETR) or plain two-conv blocks (MONAI's ``res_block=False``).
+        raw_deep_skip: pass the stride-16 level to its decoder step without a residual block (Swin UNETR's wiring;
+            needs a stride-16 level that is not the deepest).
+        dropout: element dropout after every conv of the blocks, in ``[0, 1)``.
 
-    Forward: ``features`` (list of ``[B, C_i, *S / s_i]``) and the ``image`` ``[B, in_chans, *S]`` ->
-    logits ``[B, num_classes, *S]``.
+    Forward: ``features`` (list of ``[B, C_i, *S / s_i]``) and ``image`` ``[B, in_chans, *S]`` -> logits
+    ``[B, num_classes, *S]``; ``S`` divisible by ``size_divisor``.
 
     Example::
 
@@ -70,72 +104,90 @@ class UNETRHead(nn.Module):
         spatial_dims: int = 2,
         in_chans: int = 3,
         feature_size: int = 48,
-        norm_name: str = "instance",
+        norm_name: NormSpec = "instance",
+        res_block: bool = True,
         raw_deep_skip: bool = False,
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        in_channels, strides = list(in_channels), list(strides)
+        in_channels, strides = [int(c) for c in in_channels], [int(s) for s in strides]
         if len(in_channels) != len(strides) or not strides:
             raise ValueError(f"in_channels and strides must be non-empty and of equal length, got {in_channels=}, "
                              f"{strides=}")
+        if any(c < 1 for c in in_channels):
+            raise ValueError(f"in_channels must all be >= 1, got {in_channels=}")
+        _check_strides(strides)
         if spatial_dims not in (2, 3):
-            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
-        if feature_size < 1:
-            raise ValueError(f"feature_size must be >= 1, got {feature_size}")
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims=}")
+        for name, value in (("num_classes", num_classes), ("in_chans", in_chans), ("feature_size", feature_size)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {name}={value!r}")
         if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        if strides[0] not in (2, 4) or any(b != 2 * a for a, b in zip(strides, strides[1:])):
-            raise ValueError(
-                f"UNETRHead needs pyramid strides that double from level to level and start at 2 or 4 "
-                f"(e.g. [4, 8, 16, 32]), got {strides}"
-            )
-        self.spatial_dims = spatial_dims
-        self.num_classes = num_classes
-        self.strides = strides
-        self.size_divisor = strides[-1]
-        self.synthesize_stride2 = strides[0] == 4
-        # Channel plan: stride 2**k gets fs * 2**(k-1).
-        level_strides = ([2] if self.synthesize_stride2 else []) + strides
-        plan = [feature_size * s // 2 for s in level_strides]
+            raise ValueError(f"dropout must be in [0, 1), got {dropout=}")
+        if raw_deep_skip and 16 not in strides[:-1]:
+            raise ValueError(f"raw_deep_skip=True needs a stride-16 level below the deepest one, got {strides=}")
 
-        self.encoder1 = UnetrBasicBlock(spatial_dims, in_chans, feature_size, norm_name=norm_name, dropout=dropout)
-        self.stem2 = (UnetrBasicBlock(spatial_dims, in_chans, feature_size, stride=2, norm_name=norm_name,
-                                      dropout=dropout) if self.synthesize_stride2 else None)
-        offset = len(plan) - len(strides)
-        self.raw_deep_skip = raw_deep_skip and 16 in strides[:-1]
-        adapters = []
-        for i, (c, s) in enumerate(zip(in_channels, strides)):
-            width = plan[offset + i]
-            if self.raw_deep_skip and s == 16:
-                adapters.append(nn.Identity() if c == width else conv_type(spatial_dims)(c, width, 1))
+        self.in_channels = in_channels
+        self.strides = strides
+        self.num_classes = num_classes
+        self.spatial_dims = spatial_dims
+        self.in_chans = in_chans
+        self.feature_size = feature_size
+        self.raw_deep_skip = raw_deep_skip
+        self.size_divisor = strides[-1]
+        # Decoder levels by stride, full resolution first: 1, 2, 4, ..., strides[-1].
+        self.level_strides = [1, *([2] if strides[0] == 4 else []), *strides]
+
+        def plan(s: int) -> int:
+            return feature_size * max(s // 2, 1)  # s1 and s2 both have fs channels
+
+        blocks = dict(spatial_dims=spatial_dims, norm_name=norm_name, res_block=res_block, dropout=dropout)
+        self.encoder1 = UnetrBasicBlock(in_channels=in_chans, out_channels=feature_size, **blocks)  # s1, on the image
+        self.stem2 = (UnetrBasicBlock(in_channels=in_chans, out_channels=feature_size, stride=2, **blocks)
+                      if strides[0] == 4 else None)  # synthesized s2 level, on the image
+        for c, s in zip(in_channels, strides):
+            if raw_deep_skip and s == 16:
+                adapter = nn.Identity() if c == plan(16) else conv_type(spatial_dims)(c, plan(16), 1)
             else:
-                adapters.append(UnetrBasicBlock(spatial_dims, c, width, norm_name=norm_name, dropout=dropout))
-        self.adapters = nn.ModuleList(adapters)
-        # decoders[j] upsamples from plan level j+1 to level j; the last one goes to full resolution.
-        self.decoders = nn.ModuleList(
-            UnetrUpBlock(spatial_dims, plan[j + 1], plan[j], norm_name=norm_name, dropout=dropout)
-            for j in range(len(plan) - 1)
-        )
-        self.decoder1 = UnetrUpBlock(spatial_dims, plan[0], feature_size, norm_name=norm_name, dropout=dropout)
+                adapter = UnetrBasicBlock(in_channels=c, out_channels=plan(s), **blocks)
+            self.add_module(unetr_module_name(s), adapter)
+        # decoder{k} upsamples from level k to level k-1 (stride 2**(k-1)); decoder1 ends at full resolution.
+        for k in range(len(self.level_strides) - 1, 0, -1):
+            s = self.level_strides[k - 1]
+            self.add_module(f"decoder{k}", UnetrUpBlock(in_channels=plan(2 * s), out_channels=plan(s), **blocks))
         self.out = UnetOutBlock(spatial_dims, feature_size, num_classes)
 
     def forward(self, features: Sequence[torch.Tensor], image: torch.Tensor) -> torch.Tensor:
-        if len(features) != len(self.adapters):
-            raise ValueError(f"UNETRHead expects {len(self.adapters)} pyramid levels, got {len(features)}")
-        skips = [adapter(f) for adapter, f in zip(self.adapters, features)]
+        self._check_inputs(features, image)
+        skips = [self.encoder1(image)]  # [B, fs, *S]
         if self.stem2 is not None:
-            skips.insert(0, self.stem2(image))
-        x = skips[-1]
-        for j in range(len(skips) - 2, -1, -1):
-            x = self.decoders[j](x, skips[j])
-        x = self.decoder1(x, self.encoder1(image))
+            skips.append(self.stem2(image))  # [B, fs, *S/2]
+        skips += [self.get_submodule(unetr_module_name(s))(f) for s, f in zip(self.strides, features)]
+        x = skips[-1]  # deepest level, [B, fs * s_max / 2, *S / s_max]
+        for k in range(len(skips) - 1, 0, -1):
+            x = self.get_submodule(f"decoder{k}")(x, skips[k - 1])  # [B, plan(s_{k-1}), *S / s_{k-1}]
         return self.out(x)
 
+    def _check_inputs(self, features: Sequence[torch.Tensor], image: torch.Tensor) -> None:
+        dims = self.spatial_dims
+        if image.dim() != dims + 2 or image.shape[1] != self.in_chans:
+            axes = ", ".join("DHW"[-dims:])
+            raise InputSizeError(f"UNETRHead expects an image [B, {self.in_chans}, {axes}], got {list(image.shape)}")
+        size = tuple(image.shape[2:])
+        if any(n % self.size_divisor for n in size):
+            raise InputSizeError(f"UNETRHead needs image sizes divisible by {self.size_divisor} (its deepest stride), "
+                                 f"got {list(size)}; a Segmentor pads any size to fit")
+        if len(features) != len(self.strides):
+            raise ValueError(f"UNETRHead expects {len(self.strides)} pyramid levels (strides {self.strides}), got "
+                             f"{len(features)}")
+        for i, (f, c, s) in enumerate(zip(features, self.in_channels, self.strides)):
+            want = [c, *(n // s for n in size)]
+            if list(f.shape[1:]) != want:
+                raise ValueError(f"pyramid level {i} (stride {s}) should be [B, {want[0]}, {', '.join(map(str, want[1:]))}]"
+                                 f" for an image of size {list(size)}, got {list(f.shape)}")
+
     def postprocess(self, logits: torch.Tensor) -> torch.Tensor:
-        """Label map ``[B, *S]``: argmax over classes, or sigmoid > 0.5 for one channel."""
+        """Label map ``[B, *S]`` (int64): argmax over classes, or sigmoid > 0.5 when there is one channel."""
         return (logits[:, 0] > 0).long() if logits.shape[1] == 1 else logits.argmax(1)
 
 

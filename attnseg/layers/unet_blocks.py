@@ -1,103 +1,156 @@
-"""The residual conv blocks of the UNETR decoder (Hatamizadeh et al.), for 2D and 3D.
+"""The conv blocks of the UNETR decoder (Hatamizadeh et al., arXiv 2103.10504), for 1D, 2D and 3D.
 
-Module and parameter names follow MONAI's ``UnetResBlock``, ``UnetrBasicBlock``, ``UnetrUpBlock`` and
-``UnetOutBlock`` (``conv1.conv.weight``, ``transp_conv.conv.weight``, ``conv_block.*``, ``conv.conv.*``),
-so MONAI SwinUNETR decoder weights load without renaming. Semantics as MONAI's: bias-free 3x3 convs,
-norm (affine-free InstanceNorm by default), LeakyReLU(0.01), 1x1 conv + norm on the residual when the
-width or stride changes, transposed conv k2 s2 for upsampling.
+Written after MONAI's ``monai/networks/blocks/{dynunet_block,unetr_block}.py``, with the same module and
+parameter names (``conv1.conv.weight``, ``norm1``, ``conv2``, ``norm2``, ``conv3``, ``norm3``, ``lrelu``;
+``layer.`` in :class:`UnetrBasicBlock`; ``transp_conv.conv`` and ``conv_block`` in :class:`UnetrUpBlock`;
+``conv.conv`` in :class:`UnetOutBlock`), so MONAI UNETR / Swin UNETR decoder weights load without renaming.
+Same semantics: bias-free convs with MONAI's padding rule ``(k - s + 1) // 2``, a norm after every conv
+(affine-free InstanceNorm by default), LeakyReLU(0.01), a 1x1 conv + norm on the residual when the width or
+the stride changes, and a transposed conv with kernel = stride (2) for upsampling. ``dropout`` follows each
+conv as in MONAI's ``Convolution`` (plain element dropout, no parameters).
+
+Deviation: the default InstanceNorm accepts a single spatial element (see ``attnseg.layers.dims``), where
+MONAI raises.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
-from attnseg.layers.dims import conv_transpose_type, conv_type, norm_layer
+from attnseg.layers.dims import NormSpec, conv_transpose_type, conv_type, norm_layer
 
-__all__ = ["UnetResBlock", "UnetrBasicBlock", "UnetrUpBlock", "UnetOutBlock"]
+__all__ = ["UnetBasicBlock", "UnetResBlock", "UnetrBasicBlock", "UnetrUpBlock", "UnetOutBlock"]
+
+Size = int | Sequence[int]
+
+
+def _per_axis(value: Size, spatial_dims: int, name: str) -> tuple[int, ...]:
+    values = (value,) * spatial_dims if isinstance(value, int) else tuple(value)
+    if len(values) != spatial_dims or any(not isinstance(v, int) or v < 1 for v in values):
+        raise ValueError(f"{name} must be a positive int or {spatial_dims} positive ints, got {value!r}")
+    return values
 
 
 class _Conv(nn.Module):
-    """A conv under the attribute ``conv`` (MONAI's Convolution wrapper keeps this extra level)."""
+    """A conv (and its dropout) under the attribute ``conv``, the extra level MONAI's ``Convolution`` keeps."""
 
-    def __init__(self, spatial_dims: int, in_ch: int, out_ch: int, kernel_size: int, stride: int = 1,
-                 bias: bool = False, transposed: bool = False) -> None:
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, kernel_size: Size = 3,
+                 stride: Size = 1, bias: bool = False, transposed: bool = False, dropout: float = 0.0) -> None:
         super().__init__()
+        k = _per_axis(kernel_size, spatial_dims, "kernel_size")
+        s = _per_axis(stride, spatial_dims, "stride")
+        if any(ki + 1 < si for ki, si in zip(k, s)):
+            raise ValueError(f"kernel_size must be >= stride - 1 on every axis (MONAI's padding rule), got "
+                             f"kernel_size={kernel_size!r}, stride={stride!r}")
+        padding = tuple((ki - si + 1) // 2 for ki, si in zip(k, s))  # MONAI's get_padding
         if transposed:
-            self.conv = conv_transpose_type(spatial_dims)(in_ch, out_ch, kernel_size, stride=stride, bias=bias)
+            output_padding = tuple(2 * p + si - ki for p, ki, si in zip(padding, k, s))  # get_output_padding
+            if any(op < 0 for op in output_padding):
+                raise ValueError(f"transposed conv with kernel_size={kernel_size!r}, stride={stride!r} needs a "
+                                 f"negative output padding")
+            self.conv = conv_transpose_type(spatial_dims)(in_channels, out_channels, k, stride=s, padding=padding,
+                                                          output_padding=output_padding, bias=bias)
         else:
-            self.conv = conv_type(spatial_dims)(in_ch, out_ch, kernel_size, stride=stride,
-                                                padding=(kernel_size - 1) // 2, bias=bias)
+            self.conv = conv_type(spatial_dims)(in_channels, out_channels, k, stride=s, padding=padding, bias=bias)
+        self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x)
+        return self.drop(self.conv(x))
 
 
-class UnetResBlock(nn.Module):
-    """``LReLU(norm(conv(LReLU(norm(conv(x))))) + residual)``; residual = 1x1 conv + norm when needed.
+class UnetBasicBlock(nn.Module):
+    """Two conv-norm-LReLU layers, no residual (MONAI's ``UnetBasicBlock``; ``res_block=False`` in UNETR).
 
-    ``[B, C_in, *S] -> [B, C_out, *S / stride]``.
+    ``[B, C_in, *S] -> [B, C_out, *S / stride]`` (MONAI's padding; ceil division for a 3x3 stride-2 conv).
     """
 
-    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, kernel_size: int = 3,
-                 stride: int = 1, norm_name: str = "instance", dropout: float = 0.0) -> None:
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, kernel_size: Size = 3,
+                 stride: Size = 1, norm_name: NormSpec = "instance", dropout: float = 0.0) -> None:
         super().__init__()
-        self.conv1 = _Conv(spatial_dims, in_channels, out_channels, kernel_size, stride)
-        self.conv2 = _Conv(spatial_dims, out_channels, out_channels, kernel_size, 1)
+        self.conv1 = _Conv(spatial_dims, in_channels, out_channels, kernel_size, stride, dropout=dropout)
+        self.conv2 = _Conv(spatial_dims, out_channels, out_channels, kernel_size, 1, dropout=dropout)
         self.lrelu = nn.LeakyReLU(negative_slope=0.01, inplace=True)
         self.norm1 = norm_layer(norm_name, spatial_dims, out_channels)
         self.norm2 = norm_layer(norm_name, spatial_dims, out_channels)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.downsample = in_channels != out_channels or stride != 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.lrelu(self.norm1(self.conv1(x)))
+        return self.lrelu(self.norm2(self.conv2(x)))
+
+
+class UnetResBlock(UnetBasicBlock):
+    """``LReLU(norm2(conv2(LReLU(norm1(conv1(x))))) + r)``, ``r = norm3(conv3_1x1(x))`` if width or stride change.
+
+    ``[B, C_in, *S] -> [B, C_out, *S / stride]``. With ``C_in == C_out`` and stride 1, ``r = x``.
+    """
+
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, kernel_size: Size = 3,
+                 stride: Size = 1, norm_name: NormSpec = "instance", dropout: float = 0.0) -> None:
+        super().__init__(spatial_dims, in_channels, out_channels, kernel_size, stride, norm_name, dropout)
+        self.downsample = in_channels != out_channels or any(s != 1 for s in _per_axis(stride, spatial_dims, "stride"))
         if self.downsample:
-            self.conv3 = _Conv(spatial_dims, in_channels, out_channels, 1, stride)
+            self.conv3 = _Conv(spatial_dims, in_channels, out_channels, 1, stride, dropout=dropout)
             self.norm3 = norm_layer(norm_name, spatial_dims, out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        residual = x
-        out = self.lrelu(self.norm1(self.dropout(self.conv1(x))))
-        out = self.norm2(self.dropout(self.conv2(out)))
-        if self.downsample:
-            residual = self.norm3(self.conv3(residual))
+        residual = self.norm3(self.conv3(x)) if self.downsample else x
+        out = self.lrelu(self.norm1(self.conv1(x)))
+        out = self.norm2(self.conv2(out))
         return self.lrelu(out + residual)
 
 
-class UnetrBasicBlock(nn.Module):
-    """One :class:`UnetResBlock` under ``layer`` (MONAI's ``res_block=True`` form)."""
+def _block(res_block: bool) -> type[UnetBasicBlock | UnetResBlock]:
+    return UnetResBlock if res_block else UnetBasicBlock
 
-    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, kernel_size: int = 3,
-                 stride: int = 1, norm_name: str = "instance", dropout: float = 0.0) -> None:
+
+class UnetrBasicBlock(nn.Module):
+    """One :class:`UnetResBlock` (or :class:`UnetBasicBlock` if ``res_block=False``) under ``layer``.
+
+    UNETR's encoder-side block: Swin UNETR's ``encoder1/2/3/4/10``.
+    """
+
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, kernel_size: Size = 3,
+                 stride: Size = 1, norm_name: NormSpec = "instance", res_block: bool = True,
+                 dropout: float = 0.0) -> None:
         super().__init__()
-        self.layer = UnetResBlock(spatial_dims, in_channels, out_channels, kernel_size, stride, norm_name, dropout)
+        self.layer = _block(res_block)(spatial_dims, in_channels, out_channels, kernel_size, stride, norm_name,
+                                       dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layer(x)
 
 
 class UnetrUpBlock(nn.Module):
-    """Transposed conv (k2 s2) to ``out_channels``, concat with the skip, then a residual block.
+    """Transposed conv (kernel = stride = ``upsample_kernel_size``, no bias) to ``out_channels``, concat with the
+    skip, then a residual (or basic) block ``2 * out_channels -> out_channels``.
 
-    ``x [B, C_in, *S]``, ``skip [B, C_out, *2S] -> [B, C_out, *2S]``.
+    ``x [B, C_in, *S]``, ``skip [B, C_out, *S * up] -> [B, C_out, *S * up]``; the skip must have exactly
+    ``out_channels`` channels and the upsampled size.
     """
 
-    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, kernel_size: int = 3,
-                 upsample_kernel_size: int = 2, norm_name: str = "instance", dropout: float = 0.0) -> None:
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, kernel_size: Size = 3,
+                 upsample_kernel_size: Size = 2, norm_name: NormSpec = "instance", res_block: bool = True,
+                 dropout: float = 0.0) -> None:
         super().__init__()
+        # MONAI builds this conv with conv_only=True: no dropout after it.
         self.transp_conv = _Conv(spatial_dims, in_channels, out_channels, upsample_kernel_size,
                                  upsample_kernel_size, transposed=True)
-        self.conv_block = UnetResBlock(spatial_dims, 2 * out_channels, out_channels, kernel_size, 1, norm_name,
-                                       dropout)
+        self.conv_block = _block(res_block)(spatial_dims, 2 * out_channels, out_channels, kernel_size, 1, norm_name,
+                                            dropout)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        return self.conv_block(torch.cat((self.transp_conv(x), skip), dim=1))
+        return self.conv_block(torch.cat((self.transp_conv(x), skip), dim=1))  # [B, 2 * C_out, *2S]
 
 
 class UnetOutBlock(nn.Module):
-    """1x1 conv with bias to the class logits."""
+    """1x1 conv with bias to the class logits (``conv.conv``)."""
 
-    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int) -> None:
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, dropout: float = 0.0) -> None:
         super().__init__()
-        self.conv = _Conv(spatial_dims, in_channels, out_channels, 1, bias=True)
+        self.conv = _Conv(spatial_dims, in_channels, out_channels, 1, 1, bias=True, dropout=dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(x)

@@ -9,7 +9,15 @@ __all__ = ["Classifier"]
 
 
 class Classifier(nn.Module):
-    """Wraps a backbone whose ``forward`` returns logits; resets its classifier to ``num_classes``.
+    """Wraps a backbone whose ``forward`` returns logits ``[B, num_classes]``.
+
+    When the backbone's ``num_classes`` differs from ``num_classes`` its head is replaced through
+    ``backbone.reset_classifier(num_classes)`` (a fresh, randomly initialised head); a backbone that cannot
+    reset raises ``ValueError`` instead of silently giving logits of another size.
+
+    Args:
+        backbone: a backbone following the attnseg contract (``forward(x) -> logits``).
+        num_classes: number of classes, >= 1.
 
     Example::
 
@@ -20,19 +28,23 @@ class Classifier(nn.Module):
 
     def __init__(self, backbone: nn.Module, num_classes: int) -> None:
         super().__init__()
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        if getattr(backbone, "num_classes", num_classes) != num_classes:
-            if not hasattr(backbone, "reset_classifier"):
-                raise ValueError(f"{type(backbone).__name__} has {backbone.num_classes} outputs and no reset_classifier")
+        if not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be an int >= 1, got {num_classes=}")
+        current = getattr(backbone, "num_classes", None)
+        if current != num_classes:
+            if not callable(getattr(backbone, "reset_classifier", None)):
+                raise ValueError(f"{type(backbone).__name__} has num_classes={current} and no reset_classifier() to "
+                                 f"resize its head to {num_classes}")
             backbone.reset_classifier(num_classes)
         self.backbone = backbone
         self.num_classes = num_classes
+        self.in_chans = getattr(backbone, "in_chans", None)
+        self.spatial_dims = getattr(backbone, "spatial_dims", 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(x)
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
-        """Class indices ``[B]``."""
+        """Class indices ``[B]`` (argmax of the logits), without gradients."""
         return self.forward(x).argmax(1)

@@ -1,7 +1,16 @@
-"""Segmentor: backbone + adapter + head, for any input size at or above the backbone's minimum."""
+"""Segmentor: backbone + adapter + head, for any input size.
+
+Padding rule: the input is padded with zeros on the far side of every spatial axis (bottom/right, and back in
+3D) up to a multiple of the size divisor (the least common multiple of the backbone's strides and the head's
+``size_divisor``), and at least to the backbone's ``min_input_size`` when it declares one; the logits are
+cropped back to the input size. Zeros, not reflection: reflection cannot pad more than the input size minus
+one (a 20-pixel axis cannot reach 32), and on normalised inputs zero is the dataset mean. The top-left
+origin stays where it is, so a pixel of the output is the pixel of the input at the same index.
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -15,40 +24,76 @@ __all__ = ["Adapter", "Segmentor"]
 
 
 class Adapter(nn.Module):
-    """Optional 1x1 projections that bring each pyramid level to the width a head wants.
+    """Optional 1x1 projections (with bias) that bring each pyramid level to the width a head wants.
 
     Args:
         in_channels: channels of each backbone level.
-        strides: strides of each level (kept for the feature contract).
-        out_channels: wanted channels per level; ``None`` passes the features through unchanged.
+        strides: stride of each level (unchanged by the adapter; kept so the adapter publishes the contract).
+        out_channels: wanted channels per level; ``None`` passes the features through unchanged. A level whose
+            width already matches is passed through too.
         spatial_dims: 2 or 3.
+
+    Example::
+
+        >>> ad = Adapter([32, 64], [4, 8], [16, 16])
+        >>> [f.shape[1] for f in ad([torch.randn(1, 32, 8, 8), torch.randn(1, 64, 4, 4)])]
+        [16, 16]
     """
 
     def __init__(self, in_channels: Sequence[int], strides: Sequence[int], out_channels: Sequence[int] | None = None,
                  spatial_dims: int = 2) -> None:
         super().__init__()
-        if out_channels is not None and len(out_channels) != len(in_channels):
-            raise ValueError(f"out_channels needs one value per level ({len(in_channels)}), got {list(out_channels)}")
-        self.strides = list(strides)
-        self.out_channels = list(out_channels) if out_channels is not None else list(in_channels)
+        in_channels, strides = list(in_channels), list(strides)
+        if len(in_channels) != len(strides):
+            raise ValueError(f"in_channels and strides need one value per level, got {in_channels=}, {strides=}")
+        if out_channels is not None:
+            out_channels = list(out_channels)
+            if len(out_channels) != len(in_channels) or any(int(o) < 1 for o in out_channels):
+                raise ValueError(f"out_channels needs one positive value per level ({len(in_channels)}), got "
+                                 f"{out_channels}")
         conv = conv_type(spatial_dims)
+        self.in_channels = in_channels
+        self.strides = strides
+        self.out_channels = out_channels if out_channels is not None else list(in_channels)
         self.projs = (
             nn.ModuleList(conv(c, o, 1) if c != o else nn.Identity() for c, o in zip(in_channels, out_channels))
             if out_channels is not None else None
         )
 
+    @property
+    def feature_info(self) -> list[dict]:
+        """The adapted pyramid: ``num_chs`` and ``reduction`` per level."""
+        return [{"num_chs": c, "reduction": s, "module": f"projs.{i}"}
+                for i, (c, s) in enumerate(zip(self.out_channels, self.strides))]
+
     def forward(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        if len(features) != len(self.strides):
+            raise ValueError(f"Adapter expects {len(self.strides)} pyramid levels, got {len(features)}")
         if self.projs is None:
             return list(features)
         return [proj(f) for proj, f in zip(self.projs, features)]
 
 
-class Segmentor(nn.Module):
-    """A backbone's pyramid, adapted, decoded by a head into per-pixel (per-voxel) logits.
+def _head_divisor(head: nn.Module, strides: list[int]) -> int:
+    required = getattr(head, "required_divisor", None)
+    if callable(required):
+        return int(required(strides))
+    return int(getattr(head, "size_divisor", 1))
 
-    The input is padded on the far side of every spatial axis (zeros, i.e. the normalised mean when
-    inputs are normalised) to a multiple of the deepest stride, and the logits are cropped back, so any
-    size at or above the backbone's minimum gives logits of exactly the input size.
+
+class Segmentor(nn.Module):
+    """A backbone's pyramid, optionally adapted, decoded by a head into per-pixel (per-voxel) logits.
+
+    ``forward(x [B, C, *S]) -> logits [B, num_classes, *S]`` for any ``S``: the input is zero-padded on the far
+    side to a multiple of ``size_divisor`` (see the module docstring), run through
+    ``backbone.forward_pyramid`` -> ``adapter`` -> ``head(features, padded_image)``, and the logits are cropped
+    back. ``postprocess(logits) -> [B, *S]`` labels by the head's rule.
+
+    Args:
+        backbone: a module with ``feature_info`` (``num_chs``, ``reduction`` per level) and ``forward_pyramid``.
+        head: a module taking ``(features, image)`` with ``num_classes`` and ``spatial_dims`` attributes and a
+            ``size_divisor`` attribute or ``required_divisor(strides)`` method.
+        adapter: optional :class:`Adapter` between them.
 
     Example::
 
@@ -62,38 +107,70 @@ class Segmentor(nn.Module):
 
     def __init__(self, backbone: nn.Module, head: nn.Module, adapter: nn.Module | None = None) -> None:
         super().__init__()
+        info = getattr(backbone, "feature_info", None)
+        if not info:
+            raise ValueError(f"{type(backbone).__name__} publishes no feature_info; a Segmentor needs its pyramid "
+                             "channels and strides")
         self.backbone = backbone
         self.adapter = adapter
         self.head = head
-        strides = [int(f["reduction"]) for f in backbone.feature_info]
-        self.size_divisor = max([*strides, int(getattr(head, "size_divisor", 1))])
-        self.spatial_dims = int(getattr(head, "spatial_dims", 2))
+        strides = [int(f["reduction"]) for f in info]
+        channels = [int(f["num_chs"]) for f in info]
+        if adapter is not None and hasattr(adapter, "out_channels"):
+            channels = list(adapter.out_channels)
+        head_channels = getattr(head, "in_channels", None)
+        if head_channels is not None and list(head_channels) != channels:
+            raise ValueError(f"the head expects pyramid channels {list(head_channels)}, the backbone"
+                             f"{' + adapter' if adapter is not None else ''} gives {channels}")
+        head_strides = getattr(head, "strides", None)
+        if head_strides is not None and list(head_strides) != strides:
+            raise ValueError(f"the head expects pyramid strides {list(head_strides)}, the backbone gives {strides}")
+        self.strides = strides
+        self.size_divisor = math.lcm(*strides, _head_divisor(head, strides))
+        self.spatial_dims = int(getattr(head, "spatial_dims", getattr(backbone, "spatial_dims", 2)))
+        backbone_dims = getattr(backbone, "spatial_dims", None)
+        if backbone_dims is not None and int(backbone_dims) != self.spatial_dims:
+            raise ValueError(f"the backbone is {backbone_dims}D but the head is {self.spatial_dims}D")
         self.num_classes = int(getattr(head, "num_classes", 0))
-        self.in_chans = int(getattr(backbone, "in_chans", 0)) or None
+        in_chans = getattr(backbone, "in_chans", None) or getattr(head, "in_chans", None)
+        self.in_chans = int(in_chans) if in_chans else None
+        min_size = getattr(backbone, "min_input_size", None) or 1
+        self.min_input_size = ((int(min_size),) * self.spatial_dims if isinstance(min_size, int)
+                               else tuple(int(m) for m in min_size)[-self.spatial_dims:])
+
+    def padded_size(self, size: Sequence[int]) -> tuple[int, ...]:
+        """The spatial size the backbone and head see for an input of ``size``."""
+        d = self.size_divisor
+        return tuple(-(-max(n, m) // d) * d for n, m in zip(size, self.min_input_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim != self.spatial_dims + 2:
-            raise InputSizeError(f"expected a {self.spatial_dims}D input [B, C, {', '.join('DHW'[-self.spatial_dims:])}]"
-                                 f", got shape {list(x.shape)}")
+        dims = self.spatial_dims
+        if x.dim() != dims + 2:
+            raise InputSizeError(f"expected a {dims}D input [B, C, {', '.join('DHW'[-dims:])}], got shape "
+                                 f"{list(x.shape)}")
         if self.in_chans is not None and x.shape[1] != self.in_chans:
-            raise InputSizeError(f"the model expects {self.in_chans} input channels, got {x.shape[1]}")
-        size = x.shape[2:]
-        d = self.size_divisor
-        pad = [(-s) % d for s in size]
+            raise InputSizeError(f"the model expects {self.in_chans} input channels, got {x.shape[1]} "
+                                 f"(input shape {list(x.shape)})")
+        size = tuple(x.shape[2:])
+        pad = [p - n for p, n in zip(self.padded_size(size), size)]
         if any(pad):
-            # F.pad lists the last axis first: (W_left, W_right, H_left, H_right, ...).
-            x = F.pad(x, [p for extra in reversed(pad) for p in (0, extra)])
+            x = F.pad(x, [v for extra in reversed(pad) for v in (0, extra)])  # F.pad lists the last axis first
         features = self.backbone.forward_pyramid(x)
         if self.adapter is not None:
             features = self.adapter(features)
         logits = self.head(features, x)
         if any(pad):
-            logits = logits[(..., *(slice(0, s) for s in size))]
+            logits = logits[(..., *(slice(0, n) for n in size))]
         return logits
 
     def postprocess(self, logits: torch.Tensor) -> torch.Tensor:
-        """Label map ``[B, *S]`` from logits (the head's rule)."""
+        """Label map ``[B, *S]`` from logits, by the head's rule (default: argmax, or sigmoid > 0.5 for one class)."""
         post = getattr(self.head, "postprocess", None)
-        if post is not None:
+        if callable(post):
             return post(logits)
         return (logits[:, 0] > 0).long() if logits.shape[1] == 1 else logits.argmax(1)
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """``postprocess(forward(x))`` without gradients."""
+        return self.postprocess(self.forward(x))

@@ -1,0 +1,49 @@
+"""build_model wires a registered backbone and head into a Segmentor / Classifier (integration)."""
+
+import pytest
+import torch
+
+from attnseg.config import validate_config
+from attnseg.errors import ConfigError
+from attnseg.models import Adapter, Classifier, Segmentor
+from attnseg.models.builder import build_model
+
+
+def _cfg(**model):
+    return validate_config({
+        "model": {"backbone": {"name": "test_mambaout"}, "head": {"name": "unetr", "feature_size": 8},
+                  "num_classes": 3, **model},
+        "data": {"dataset": {"name": "synthetic2d"}},
+    })
+
+
+@pytest.mark.parametrize("size", [(97, 75), (64, 64)])
+def test_built_segmentor_any_input_size(size):
+    model = build_model(_cfg()).eval()
+    assert isinstance(model, Segmentor) and model.backbone.head is None  # no unused classifier params
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, *size))
+    assert out.shape == (1, 3, *size) and model.postprocess(out).shape == (1, *size)
+
+
+def test_head_kwargs_from_config():
+    model = build_model(_cfg(head={"name": "unetr", "feature_size": 8, "norm_name": ["group", {"num_groups": 4}],
+                                   "res_block": False}))
+    assert isinstance(model.head.decoder1.conv_block.norm1, torch.nn.GroupNorm)
+    with pytest.raises(ConfigError, match="feature_size"):
+        build_model(_cfg(head={"name": "unetr", "feature_size": 0}))
+
+
+def test_adapter_from_config():
+    model = build_model(_cfg(adapter_channels=[8, 8, 16, 16]))
+    assert isinstance(model.adapter, Adapter)
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 3, 64, 64)
+    with pytest.raises(ConfigError, match="adapter_channels has 2 values; the backbone gives 4"):
+        build_model(_cfg(adapter_channels=[8, 8]))
+
+
+def test_classification_task_builds_classifier():
+    cls = build_model(validate_config({"task": "classification",
+                                       "model": {"backbone": {"name": "test_mambaout"}, "num_classes": 7},
+                                       "data": {"dataset": {"name": "synthetic2d"}}}))
+    assert isinstance(cls, Classifier) and cls(torch.randn(2, 3, 64, 64)).shape == (2, 7)
