@@ -22,6 +22,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from attnseg.config import ExperimentConfig, dump_config
+from attnseg.datasets import collate
 from attnseg.errors import CheckpointError, ConfigError, DataError
 from attnseg.registry import DATASETS, LOSSES
 
@@ -38,6 +39,7 @@ def build_dataset(cfg: ExperimentConfig, split: str) -> Dataset:
     transform = build_transform(
         cfg.data.augment if split == "train" else None, cfg.data.normalize, train=split == "train",
         spatial_dims=cfg.model.spatial_dims, task=cfg.task,
+        ignore_index=spec.kwargs.get("ignore_index"),  # padding and rotations fill masks with it, not class 0
     )
     try:
         dataset = DATASETS.get(spec.name)(split=split, transform=transform, **spec.kwargs)
@@ -98,16 +100,8 @@ def build_dataloader(cfg: ExperimentConfig, dataset: Dataset, split: str) -> Dat
     return DataLoader(
         dataset, batch_size=batch, sampler=EpochSeededSampler(len(dataset), cfg.seed) if train else None,
         drop_last=train and len(dataset) > batch, num_workers=cfg.data.num_workers,
-        persistent_workers=cfg.data.num_workers > 0, collate_fn=_collate,
+        persistent_workers=cfg.data.num_workers > 0, collate_fn=collate,
     )
-
-
-def _collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key in samples[0]:
-        values = [s[key] for s in samples]
-        out[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
-    return out
 
 
 # -- task ---------------------------------------------------------------------------------------------
