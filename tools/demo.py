@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -39,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.time()
     work = Path(args.work_dir)
+    if work.exists():
+        # The demo owns its folder: start clean so the run never mixes with an earlier demo's checkpoints.
+        shutil.rmtree(work)
     overrides = [*args.overrides, f"work_dir={work}"]
     cfg = load_config(args.config, overrides)
     print(f"[demo] training {cfg.model.backbone.name} + {cfg.model.head.name} on {cfg.data.dataset.name} ...")

@@ -246,11 +246,18 @@ def train(cfg: ExperimentConfig, *, resume: bool = False, work_dir: Path | None 
             if check is not None:
                 check()
     ckpt_path = None
+    ckpt_dir = work_dir / "checkpoints"
     if resume:
-        last = work_dir / "checkpoints" / "last.ckpt"
+        last = ckpt_dir / "last.ckpt"
         if not last.is_file():
             raise CheckpointError(f"--resume: no checkpoint to resume from at {last}")
         ckpt_path = str(last)
+    elif ckpt_dir.is_dir() and any(ckpt_dir.glob("*.ckpt")):
+        # A new run would write beside (and be confused with) the old run's last.ckpt; never overwrite it.
+        raise ConfigError(
+            f"{ckpt_dir} already holds checkpoints of an earlier run; continue it with --resume, or choose "
+            f"another --work-dir (or remove that folder)"
+        )
     task = build_task(cfg, train_set)
     trainer = build_trainer(cfg, work_dir, callbacks=callbacks)
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -261,7 +268,7 @@ def train(cfg: ExperimentConfig, *, resume: bool = False, work_dir: Path | None 
     return {
         "work_dir": str(work_dir),
         "best_checkpoint": getattr(ckpt_cb, "best_model_path", None),
-        "last_checkpoint": str(work_dir / "checkpoints" / "last.ckpt"),
+        "last_checkpoint": getattr(ckpt_cb, "last_model_path", None) or str(ckpt_dir / "last.ckpt"),
         "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
         "global_step": trainer.global_step,
     }
