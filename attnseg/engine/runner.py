@@ -10,8 +10,6 @@ task).
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from attnseg.checkpoint import save_state_dict_atomic
 from attnseg.config import ExperimentConfig, dump_config
 from attnseg.datasets import collate
 from attnseg.errors import CheckpointError, ConfigError, DataError
@@ -133,18 +132,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes each checkpoint to a temporary file beside the target, fsyncs it, then renames it into place."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        save_state_dict_atomic(checkpoint, path)
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict:
         # Our own checkpoints hold only tensors and plain data, so the safe loader suffices for resume too.

@@ -21,6 +21,7 @@ Rules (NATTEN's, reference/kernels.md §1; ``left = k // 2``, ``right = k // 2 +
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 
@@ -93,11 +94,11 @@ def window_table(
         view = [1] * (2 * ndim)
         view[axis] = key.shape[0]
         view[ndim + axis] = key.shape[1]
-        step = int(torch.tensor(shape[axis + 1:]).prod()) if axis + 1 < ndim else 1
+        step = math.prod(shape[axis + 1:])
         flat_key = flat_key + key.view(view) * step
         flat_valid = flat_valid & valid.view(view)
-    n = int(torch.tensor(shape).prod())
-    kk = int(torch.tensor(kernel).prod())
+    n = math.prod(shape)
+    kk = math.prod(kernel)
     flat_key = flat_key.reshape(n, kk)
     flat_valid = flat_valid.expand([*shape, *kernel]).reshape(n, kk)
     if device is not None:
@@ -122,9 +123,6 @@ def rpb_table(
         view = [1] * (2 * ndim)
         view[axis] = n
         view[ndim + axis] = k
-        step = 1
-        for kk in kernel[axis + 1:]:
-            step *= 2 * kk - 1
+        step = math.prod(2 * kk - 1 for kk in kernel[axis + 1:])
         idx = idx + offset.view(view) * step
-    n_total = int(torch.tensor(shape).prod())
-    return idx.expand([*shape, *kernel]).reshape(n_total, int(torch.tensor(kernel).prod()))
+    return idx.expand([*shape, *kernel]).reshape(math.prod(shape), math.prod(kernel))
