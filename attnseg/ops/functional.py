@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from attnseg.ops import cpu, reference
+from attnseg.ops import cpu, reference, triton_kernels
 from attnseg.registry import suggest
 
 __all__ = [
@@ -99,6 +99,7 @@ def _reference_can_run(*tensors: torch.Tensor, **_: Any) -> str | None:
 
 BACKENDS: dict[str, Backend] = {
     "cpu": Backend("cpu", cpu.can_run_cpu, cpu.na_fused_cpu, cpu.na_qk_cpu, cpu.na_av_cpu),
+    "triton": Backend("triton", triton_kernels.can_run_triton, triton_kernels.na_fused_triton, None, None),
     "reference": Backend("reference", _reference_can_run, reference.na_fused_reference, reference.na_qk_reference,
                          reference.na_av_reference),
 }

@@ -25,7 +25,7 @@ import math
 
 import torch
 
-__all__ = ["axis_table", "window_table", "rpb_table"]
+__all__ = ["axis_table", "window_table", "rpb_table", "rpb_onehot"]
 
 
 @functools.lru_cache(maxsize=256)
@@ -117,12 +117,28 @@ def rpb_table(
     ndim = len(shape)
     idx = torch.zeros([1] * (2 * ndim), dtype=torch.long)
     for axis, (n, k, d, s, c) in enumerate(zip(shape, kernel, dilation, stride, causal)):
-        key, _ = axis_table(n, k, d, s, c, mode)
-        offset = (key - torch.arange(n)[:, None]).div(d, rounding_mode="floor") + (k - 1)
-        offset = offset.clamp(0, 2 * k - 2)
+        offset = _rpb_offsets(n, k, d, s, c, mode)
         view = [1] * (2 * ndim)
         view[axis] = n
         view[ndim + axis] = k
         step = math.prod(2 * kk - 1 for kk in kernel[axis + 1:])
         idx = idx + offset.view(view) * step
     return idx.expand([*shape, *kernel]).reshape(math.prod(shape), math.prod(kernel))
+
+
+def _rpb_offsets(length: int, kernel: int, dilation: int, stride: int, causal: bool, mode: str) -> torch.Tensor:
+    """``[L, k]`` bias-table offset of each (query, slot) on one axis."""
+    key, _ = axis_table(length, kernel, dilation, stride, causal, mode)
+    offset = (key - torch.arange(length)[:, None]).div(dilation, rounding_mode="floor") + (kernel - 1)
+    return offset.clamp(0, 2 * kernel - 2)
+
+
+def rpb_onehot(length: int, kernel: int, dilation: int = 1, stride: int = 1, causal: bool = False,
+               mode: str = "natten") -> torch.Tensor:
+    """``[L, k, 2k - 1]`` float: one-hot bias-table offset of each valid (query, slot) on one axis.
+
+    Contracting per-slot logit gradients with these per axis sums them into the bias table deterministically.
+    """
+    _, valid = axis_table(length, kernel, dilation, stride, causal, mode)
+    onehot = torch.nn.functional.one_hot(_rpb_offsets(length, kernel, dilation, stride, causal, mode), 2 * kernel - 1)
+    return (onehot * valid[..., None]).float()
