@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from attnseg.ops import cpu, reference, triton_kernels
+from attnseg.ops import cpu, natten_backend, reference, triton_kernels
 from attnseg.registry import suggest
 
 __all__ = [
@@ -99,6 +99,7 @@ def _reference_can_run(*tensors: torch.Tensor, **_: Any) -> str | None:
 
 BACKENDS: dict[str, Backend] = {
     "cpu": Backend("cpu", cpu.can_run_cpu, cpu.na_fused_cpu, cpu.na_qk_cpu, cpu.na_av_cpu),
+    "natten": Backend("natten", natten_backend.can_run_natten, natten_backend.na_fused_natten, None, None),
     "triton": Backend("triton", triton_kernels.can_run_triton, triton_kernels.na_fused_triton, None, None),
     "reference": Backend("reference", _reference_can_run, reference.na_fused_reference, reference.na_qk_reference,
                          reference.na_av_reference),
@@ -129,18 +130,19 @@ def _check_backend_name(name: str) -> None:
                          f"(available: {', '.join(BACKENDS)})")
 
 
-def _select(backend: str | None, op: str, *tensors: torch.Tensor) -> Backend:
+def _select(backend: str | None, op: str, *tensors: torch.Tensor, **call: Any) -> Backend:
+    """The backend for this call; ``call`` carries what a backend may not support (``rpb``, ``kernel``, ``mode``)."""
     name = backend or _FORCED.get()
     if name is not None:
         _check_backend_name(name)
         chosen = BACKENDS[name]
-        reason = chosen.can_run(*tensors, op=op)
+        reason = chosen.can_run(*tensors, op=op, **call)
         if reason is not None or getattr(chosen, op) is None:
             raise ValueError(f"backend {name!r} cannot run this {op} call: {reason or 'op not implemented'}")
         return chosen
     reasons = []
     for candidate in BACKENDS.values():
-        reason = candidate.can_run(*tensors, op=op)
+        reason = candidate.can_run(*tensors, op=op, **call)
         if reason is None and getattr(candidate, op) is not None:
             return candidate
         reasons.append(f"{candidate.name}: {reason or 'op not implemented'}")
@@ -195,7 +197,7 @@ def _na_fused(
             raise ValueError(f"additional_values {list(additional_values.shape)} does not match additional_keys "
                              f"{list(additional_keys.shape)}")
     scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
-    chosen = _select(backend, "fused", query, key, value)
+    chosen = _select(backend, "fused", query, key, value, rpb=rpb, kernel=p.kernel, mode=p.mode)
     return chosen.fused(query, key, value, p.kernel, p.dilation, p.stride, p.causal, rpb, scale, additional_keys,
                         additional_values, return_lse, p.mode)
 
@@ -260,7 +262,7 @@ def _na_qk(ndim, query, key, kernel_size, dilation, rpb, is_causal, backend, mod
         raise ValueError(f"query and key dtypes differ: {query.dtype}, {key.dtype}")
     p = normalize_params(query.shape[2:-1], kernel_size, dilation, 1, is_causal, mode)
     _check_rpb(rpb, query.shape[1], p.kernel)
-    chosen = _select(backend, "qk", query, key)
+    chosen = _select(backend, "qk", query, key, rpb=rpb, kernel=p.kernel, mode=p.mode)
     return chosen.qk(query, key, p.kernel, p.dilation, p.causal, rpb, p.mode)
 
 
@@ -272,7 +274,7 @@ def _na_av(ndim, attn, value, kernel_size, dilation, is_causal, backend, mode):
     if tuple(attn.shape) != expected:
         raise ValueError(f"attention weights must be {list(expected)} for this value and kernel, "
                          f"got {list(attn.shape)}")
-    chosen = _select(backend, "av", attn, value)
+    chosen = _select(backend, "av", attn, value, kernel=p.kernel, mode=p.mode)
     return chosen.av(attn, value, p.kernel, p.dilation, p.causal, p.mode)
 
 
