@@ -1,20 +1,23 @@
-"""The ``cpu`` backend: fused and unfused neighborhood attention in eager PyTorch with O(N * K) memory.
+"""The ``cpu`` backend: neighborhood attention in eager PyTorch, fast on CPUs, with bounded memory.
 
-Keys and values of each query's window are gathered through the window tables a chunk of slots at a time
-(``[B*H, N, chunk, D]``, sized to stay under ``_CHUNK_BYTES``), so memory is the ``[B*H, N, K]`` attention
-weights plus one bounded chunk, never the ``[N, K, D]`` window copies of an unfold and never ``N^2``.
-Backward is written out (softmax backward, gathers for dQ and dP, ``index_add_`` scatters for dK and dV
-and the position-bias gradient) and saves only q, k, v and the weights.
+The fused op runs query tiles against the box of keys their windows cover, as batched GEMMs with a window
+mask (see the section comment below); memory is the inputs plus one bounded chunk of tiles, never ``N^2``.
+The unfused ops gather each query's window keys/values through the window tables a chunk of slots at a time
+(``[B*H, N, chunk, D]``, under ``_CHUNK_BYTES``), so their memory is the ``[B*H, N, K]`` weights plus one chunk;
+their backward is written out (gathers for the weights, ``index_add_`` scatters for keys and values).
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from attnseg.ops.windows import axis_table, rpb_table, window_table
+from attnseg.ops.merge import attend_extra_and_merge
+from attnseg.ops.windows import axis_bounds, rpb_table, window_table
 
 __all__ = ["na_fused_cpu", "na_qk_cpu", "na_av_cpu", "can_run_cpu"]
 
@@ -95,68 +98,6 @@ def _window_logits_backward(dlogits: torch.Tensor, q: torch.Tensor, k: torch.Ten
     return dq, dk
 
 
-class _FusedNA(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, bias, key, valid, scale, ak, av):  # noqa: ANN001 - autograd signature
-        # q, k: [BH, N, D]; v: [BH, N, Dv]; bias: [BH or 1, N, K] or None; key/valid: [N, K];
-        # ak: [BH, E, D] / av: [BH, E, Dv] or None.
-        acc = torch.promote_types(q.dtype, torch.float32)
-        logits = _window_logits(q, k, key, acc).mul_(scale)
-        if bias is not None:
-            logits.add_(bias)
-        logits.masked_fill_(~valid, float("-inf"))
-        extra = (torch.einsum("bnd,bed->bne", q, ak).to(acc) * scale) if ak is not None else None
-        row_max = logits.amax(-1, keepdim=True)
-        if extra is not None:
-            row_max = torch.maximum(row_max, extra.amax(-1, keepdim=True))
-        probs = logits.sub_(row_max).exp_()  # in place: the logits buffer becomes the weights
-        denom = probs.sum(-1, keepdim=True)
-        if extra is not None:
-            extra = torch.exp(extra - row_max)
-            denom = denom + extra.sum(-1, keepdim=True)
-            extra = extra / denom
-        probs.div_(denom)
-        lse = (row_max + denom.log()).squeeze(-1)
-        out = _window_sum(probs, v, key)
-        if extra is not None:
-            out += torch.einsum("bne,bed->bnd", extra, av.to(acc))
-        ctx.save_for_backward(q, k, v, key, probs, ak, av, extra)
-        ctx.scale = scale
-        ctx.has_bias = bias is not None
-        ctx.bias_batched = bias is not None and bias.shape[0] != 1
-        return out.to(v.dtype), lse.to(q.dtype)
-
-    @staticmethod
-    def backward(ctx, grad_out, grad_lse):  # noqa: ANN001
-        q, k, v, key, probs, ak, av, extra = ctx.saved_tensors
-        scale = ctx.scale
-        acc = probs.dtype
-        go = grad_out.to(acc)
-        dprobs, dv = _window_sum_backward(probs, v, key, go)
-        row = torch.einsum("bnk,bnk->bn", probs, dprobs).unsqueeze(-1)
-        dextra = None
-        if extra is not None:
-            dextra_p = torch.einsum("bnd,bed->bne", go, av.to(acc))
-            row = row + (extra * dextra_p).sum(-1, keepdim=True)
-            dextra = extra * (dextra_p - row)
-        dlogits = dprobs.sub_(row).mul_(probs)  # softmax backward in place; masked slots have probs 0
-        if grad_lse is not None:
-            dlogits.addcmul_(probs, grad_lse.to(acc)[..., None])
-            if dextra is not None:
-                dextra = dextra + extra * grad_lse.to(acc)[..., None]
-        dq, dk = _window_logits_backward(dlogits, q, k, key)
-        dak = dav = None
-        if extra is not None:
-            dq += torch.einsum("bne,bed->bnd", dextra, ak.to(acc))
-            dak = (torch.einsum("bne,bnd->bed", dextra, q.to(acc)) * scale).to(ak.dtype)
-            dav = torch.einsum("bne,bnd->bed", extra, go).to(av.dtype)
-        dbias = None
-        if ctx.has_bias:
-            dbias = dlogits if ctx.bias_batched else dlogits.sum(0, keepdim=True)
-        return ((dq * scale).to(q.dtype), (dk * scale).to(k.dtype), dv.to(v.dtype), dbias, None, None, None, dak,
-                dav)
-
-
 class _WindowLogits(torch.autograd.Function):
     """Unfused ``qk``: ``[BH, N, D] x [BH, N, D] -> [BH, N, K]`` (no mask, no bias; added outside)."""
 
@@ -213,78 +154,179 @@ def na_av_cpu(attn: torch.Tensor, v: torch.Tensor, kernel: tuple[int, ...], dila
     return out.reshape(batch, heads, *spatial, dim)
 
 
-# -- 2D halo tiles: the fast path for NATTEN-style windows ---------------------------------------------------
+# -- fused: query tiles against their key boxes ------------------------------------------------------------------
+#
+# Queries are cut into boxes of ``tile`` per axis inside each dilation group; the keys every query of a box can
+# see form one box too (window bounds are monotone), so a tile is two small GEMMs against its key box plus a
+# mask, the CPU analogue of the Triton kernel. The mask (from the semantic core's ``[lo, hi)`` bounds) makes
+# stride, causal windows, even kernels and the zero-padded mode the same code. Costs ``box / prod(kernel)``
+# times the useful FLOPs (about 4x for 2D k7) but runs as batched GEMMs, several times faster than gathers.
+# Backward recomputes the probabilities per chunk of tiles from the saved logsumexp (flash-style), so memory is
+# the inputs plus one bounded chunk.
 
-_HALO_TILE = 8
-_HALO_MAX_BYTES = 512 * 2**20
-
-
-def _halo_axis(length: int, kernel: int, tile: int) -> tuple[torch.Tensor, ...]:
-    """Tiles of one axis: key rows of each tile's box, (clamped) query coords, in-box slot offsets, RPB offsets.
-
-    With NATTEN windows (stride 1, not causal) the windows of ``tile`` consecutive queries lie inside a box of
-    ``min(tile + kernel - 1, length)`` keys starting at ``clamp(first - kernel // 2, 0, length - box)``.
-    """
-    key, _ = axis_table(length, kernel)
-    n_tiles = math.ceil(length / tile)
-    box = min(tile + kernel - 1, length)
-    first = torch.arange(n_tiles) * tile
-    box_start = torch.clamp(first - kernel // 2, min=0).clamp(max=length - box)
-    rows = box_start[:, None] + torch.arange(box)  # [n_tiles, box]
-    queries = (first[:, None] + torch.arange(tile)).clamp(max=length - 1)  # [n_tiles, tile]; padding repeats
-    in_box = key[queries] - box_start[:, None, None]  # [n_tiles, tile, kernel]
-    rel = key[queries] - queries[..., None] + kernel - 1  # RPB offsets
-    return rows, queries, in_box, rel
+_TILE = {1: (16,), 2: (4, 8), 3: (4, 4, 4)}
+_CHUNK_BYTES_TILED = 48 * 2**20  # scores of one chunk of tiles, all batch * heads
 
 
-def _halo_na2d(q, k, v, kernel, rpb, scale, ak, av, tile=_HALO_TILE):  # noqa: ANN001 - internal
-    """Undilated 2D NATTEN attention by tiles: one GEMM per tile against its key box, then the K valid logits.
+@dataclass(frozen=True)
+class _AxisTiles:
+    """Tiles of one axis (all dilation groups): which coordinates each tile's queries and key box hold."""
 
-    ``q, k, v``: ``[B, heads, X, Y, D]``; ``ak, av``: ``[B, heads, E, D]`` or None. Returns ``(out, lse)``.
-    Costs ``((tile + k - 1) / tile)^2`` times the useful FLOPs but runs as batched GEMMs (several times faster
-    than gathers on CPU); autograd differentiates it.
-    """
-    batch, heads, size_x, size_y, dim = q.shape
-    kx, ky = kernel
-    rows_x, qx, inx, relx = _halo_axis(size_x, kx, tile)
-    rows_y, qy, iny, rely = _halo_axis(size_y, ky, tile)
-    tx, ty, bx, by = rows_x.shape[0], rows_y.shape[0], rows_x.shape[1], rows_y.shape[1]
-    q_tiles = q[:, :, qx[:, None, :, None], qy[None, :, None, :]].reshape(batch, heads, tx, ty, tile * tile, dim)
-    box = (rows_x[:, None, :, None], rows_y[None, :, None, :])
-    k_box = k[:, :, box[0], box[1]].reshape(batch, heads, tx, ty, bx * by, dim)
-    v_box = v[:, :, box[0], box[1]].reshape(batch, heads, tx, ty, bx * by, v.shape[-1])
-    scores = (q_tiles @ k_box.transpose(-1, -2)) * scale  # [B, h, tx, ty, T*T, bx*by]
-    idx = (inx[:, None, :, None, :, None] * by + iny[None, :, None, :, None, :]).reshape(tx, ty, tile * tile, kx * ky)
-    idx = idx.expand(batch, heads, -1, -1, -1, -1)
-    logits = scores.gather(-1, idx)  # [B, h, tx, ty, T*T, K]
+    query: torch.Tensor  # [tiles, T] real query coordinate, -1 for padding
+    key: torch.Tensor  # [tiles, W] real key coordinate, -1 outside the map
+    allowed: torch.Tensor  # [tiles, T, W] the query sees the key
+    rel: torch.Tensor  # [tiles, T, W] relative-position-bias offset
+
+
+@functools.lru_cache(maxsize=256)
+def _axis_tiles(length: int, kernel: int, dilation: int, stride: int, causal: bool, mode: str,
+                tile: int) -> _AxisTiles:
+    lo, hi = axis_bounds(length, kernel, dilation, stride, causal, mode)[:2].long()
+    tile = min(tile, -(-length // dilation))
+    firsts = [(g, t0) for g in range(dilation) for t0 in range(0, len(range(g, length, dilation)), tile)]
+    group_len = torch.tensor([len(range(g, length, dilation)) for g, _ in firsts])
+    group = torch.tensor([g for g, _ in firsts])
+    i = torch.tensor([t0 for _, t0 in firsts])[:, None] + torch.arange(tile)  # [tiles, T] in-group query
+    q_ok = i < group_len[:, None]
+    last = torch.minimum(i[:, 0] + tile, group_len) - 1
+    box_lo = lo[i[:, 0] * dilation + group]
+    width = int((hi[last * dilation + group] - box_lo).max())
+    j = box_lo[:, None] + torch.arange(width)  # [tiles, W] in-group key
+    k_ok = j < group_len[:, None]
+    real_q = torch.where(q_ok, i * dilation + group[:, None], 0)
+    allowed = (q_ok[:, :, None] & k_ok[:, None, :] & (lo[real_q][:, :, None] <= j[:, None, :])
+               & (j[:, None, :] < hi[real_q][:, :, None]))
+    rel = (j[:, None, :] - i[:, :, None] + kernel - 1).clamp(0, 2 * kernel - 2)
+    return _AxisTiles(torch.where(q_ok, real_q, -1), torch.where(k_ok, j * dilation + group[:, None], -1),
+                      allowed, rel)
+
+
+def _combine(per_axis: list[torch.Tensor], shape: tuple[int, ...], tiles: list[torch.Tensor]) -> torch.Tensor:
+    """Flat indices ``[chunk, prod(T or W)]`` of the tiles ``tiles[a]`` (per-axis tile ids); ``-1`` stays out."""
+    rank = len(shape)
+    flat = None
+    for axis, (table, ids) in enumerate(zip(per_axis, tiles)):
+        view = [ids.shape[0]] + [1] * rank
+        view[1 + axis] = table.shape[1]
+        part = table[ids].view(view)
+        step = math.prod(shape[axis + 1:])
+        flat = part * step if flat is None else torch.where((flat < 0) | (part < 0), -1, flat + part * step)
+    n = math.prod(shape)
+    return torch.where(flat < 0, n, flat).reshape(ids.shape[0], -1)  # padding -> the zero row at index n
+
+
+def _combine_pairs(per_axis: list[torch.Tensor], tiles: list[torch.Tensor], steps: list[int] | None) -> torch.Tensor:
+    """``[chunk, prod(T), prod(W)]``: AND of per-axis masks (``steps`` None) or sum of scaled per-axis offsets."""
+    rank = len(per_axis)
+    out = None
+    for axis, (table, ids) in enumerate(zip(per_axis, tiles)):
+        view = [ids.shape[0]] + [1] * (2 * rank)
+        view[1 + axis], view[1 + rank + axis] = table.shape[1], table.shape[2]
+        part = table[ids].view(view)
+        if steps is None:
+            out = part if out is None else out & part
+        else:
+            out = part * steps[axis] if out is None else out + part * steps[axis]
+    tq = math.prod(t.shape[1] for t in per_axis)
+    return out.reshape(out.shape[0], tq, -1)
+
+
+class _Tiling:
+    """All tiles of one call: flat query/key indices and per-chunk masks and bias offsets."""
+
+    def __init__(self, shape, kernel, dilation, stride, causal, mode):  # noqa: ANN001
+        self.shape = shape
+        self.axes = [_axis_tiles(n, k, d, s, c, mode, t)
+                     for n, k, d, s, c, t in zip(shape, kernel, dilation, stride, causal, _TILE[len(shape)])]
+        counts = [a.query.shape[0] for a in self.axes]
+        self.n_tiles = math.prod(counts)
+        self.tile_ids = torch.unravel_index(torch.arange(self.n_tiles), counts)
+        self.queries = _combine([a.query for a in self.axes], shape, list(self.tile_ids))  # [tiles, Tq]
+        self.keys = _combine([a.key for a in self.axes], shape, list(self.tile_ids))  # [tiles, W]
+        self.rel_steps = [math.prod(2 * k - 1 for k in kernel[a + 1:]) for a in range(len(shape))]
+
+    def chunks(self, bh: int) -> list[tuple[int, int]]:
+        per_tile = bh * self.queries.shape[1] * self.keys.shape[1] * 4
+        step = max(1, _CHUNK_BYTES_TILED // per_tile)
+        return [(c, min(c + step, self.n_tiles)) for c in range(0, self.n_tiles, step)]
+
+    def allowed(self, c0: int, c1: int) -> torch.Tensor:
+        return _combine_pairs([a.allowed for a in self.axes], [t[c0:c1] for t in self.tile_ids], None)
+
+    def rel(self, c0: int, c1: int) -> torch.Tensor:
+        return _combine_pairs([a.rel for a in self.axes], [t[c0:c1] for t in self.tile_ids], self.rel_steps)
+
+
+def _tile_scores(tiling: _Tiling, c0: int, c1: int, qs: torch.Tensor, kb: torch.Tensor,
+                 rpb: torch.Tensor | None, batch: int) -> torch.Tensor:
+    """Masked logits ``[BH, chunk, Tq, W]`` of a chunk of tiles (``qs`` already scaled)."""
+    scores = qs @ kb.transpose(-1, -2)
     if rpb is not None:
-        ridx = relx[:, None, :, None, :, None] * (2 * ky - 1) + rely[None, :, None, :, None, :]
-        logits = logits + rpb.reshape(heads, -1)[:, ridx.reshape(tx, ty, tile * tile, kx * ky)].to(logits.dtype)
-    if ak is not None:
-        extra = (q_tiles @ ak[:, :, None, None].transpose(-1, -2)) * scale  # [B, h, tx, ty, T*T, E]
-        logits = torch.cat([logits, extra], dim=-1)
-    lse = torch.logsumexp(logits, dim=-1)
-    probs = torch.exp(logits - lse[..., None])
-    kk = kx * ky
-    weights = torch.zeros_like(scores).scatter_(-1, idx, probs[..., :kk])
-    out = weights @ v_box  # [B, h, tx, ty, T*T, Dv]
-    if ak is not None:
-        out = out + probs[..., kk:] @ av[:, :, None, None]
-
-    def untile(t: torch.Tensor) -> torch.Tensor:  # [B, h, tx, ty, T*T, ...] -> [B, h, X, Y, ...]
-        rest = t.shape[5:]
-        t = t.reshape(batch, heads, tx, ty, tile, tile, *rest).transpose(3, 4)
-        return t.reshape(batch, heads, tx * tile, ty * tile, *rest)[:, :, :size_x, :size_y]
-
-    return untile(out), untile(lse)
+        heads = rpb.shape[0]
+        bias = rpb.reshape(heads, -1)[:, tiling.rel(c0, c1)].to(scores.dtype)  # [H, chunk, Tq, W]
+        scores.view(batch, heads, *scores.shape[1:]).add_(bias)
+    return scores.masked_fill_(~tiling.allowed(c0, c1), float("-inf"))
 
 
-def _halo_applies(spatial, p_stride, causal, mode, q: torch.Tensor, kernel) -> bool:  # noqa: ANN001
-    if len(spatial) != 2 or mode != "natten" or any(causal) or any(s != 1 for s in p_stride):
-        return False
-    box = [min(_HALO_TILE + k - 1, n) for k, n in zip(kernel, spatial)]
-    scores_bytes = q.shape[0] * q.shape[-2] * math.prod(spatial) * math.prod(box) * 4 * 3  # scores, weights, grads
-    return scores_bytes <= _HALO_MAX_BYTES and q.dtype in (torch.float32, torch.float64)
+def _rows(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``t [BH, N + 1, D]`` at ``index [chunk, M]`` -> ``[BH, chunk, M, D]``."""
+    return t.index_select(1, index.reshape(-1)).view(t.shape[0], *index.shape, t.shape[-1])
+
+
+class _TiledNA(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, rpb, tiling, scale, batch):  # noqa: ANN001 - autograd signature
+        # q, k: [BH, N + 1, D], v: [BH, N + 1, Dv] with a zero row at index N (where padding points)
+        bh, n1, dim_v = v.shape[0], v.shape[1], v.shape[-1]
+        out = torch.empty(bh, n1, dim_v, dtype=q.dtype)
+        lse = torch.empty(bh, n1, dtype=q.dtype)
+        chunks = tiling.chunks(bh)
+        saved_probs = None
+        for c0, c1 in chunks:
+            qi, ki = tiling.queries[c0:c1], tiling.keys[c0:c1]
+            probs = _tile_scores(tiling, c0, c1, _rows(q, qi) * scale, _rows(k, ki), rpb, batch)
+            row_max = probs.amax(-1, keepdim=True).nan_to_num_(0.0, 0.0, 0.0)  # padding rows: all -inf
+            probs.sub_(row_max).exp_()
+            denom = probs.sum(-1, keepdim=True)
+            denom.masked_fill_(denom == 0, 1.0)
+            probs.div_(denom)
+            out.index_copy_(1, qi.reshape(-1), (probs @ _rows(v, ki)).view(bh, -1, dim_v))
+            lse.index_copy_(1, qi.reshape(-1), (row_max + denom.log()).view(bh, -1))
+            if len(chunks) == 1:
+                saved_probs = probs  # one chunk: keep the probabilities instead of recomputing them
+        ctx.save_for_backward(q, k, v, out, lse, rpb, saved_probs)
+        ctx.tiling, ctx.scale, ctx.batch = tiling, scale, batch
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):  # noqa: ANN001
+        q, k, v, out, lse, rpb, saved_probs = ctx.saved_tensors
+        tiling, scale, batch = ctx.tiling, ctx.scale, ctx.batch
+        bh = q.shape[0]
+        grad_out = grad_out.contiguous()
+        delta = (grad_out * out).sum(-1)
+        if grad_lse is not None:
+            delta = delta - grad_lse  # d lse / d logit = p: folds into the softmax backward's row term
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        drpb = torch.zeros(rpb.shape[0], rpb[0].numel(), dtype=q.dtype) if ctx.needs_input_grad[3] else None
+        for c0, c1 in tiling.chunks(bh):
+            qi, ki = tiling.queries[c0:c1], tiling.keys[c0:c1]
+            qs, kb, vb = _rows(q, qi) * scale, _rows(k, ki), _rows(v, ki)
+            if saved_probs is not None:
+                probs = saved_probs
+            else:
+                probs = _tile_scores(tiling, c0, c1, qs, kb, rpb, batch)
+                probs.sub_(_rows(lse[..., None], qi)).exp_()
+            go = _rows(grad_out, qi)
+            dlogits = (go @ vb.transpose(-1, -2)).sub_(_rows(delta[..., None], qi)).mul_(probs)
+            dq.index_add_(1, qi.reshape(-1), (dlogits @ kb).view(bh, -1, q.shape[-1]))
+            dk.index_add_(1, ki.reshape(-1), (dlogits.transpose(-1, -2) @ qs).view(bh, -1, k.shape[-1]))
+            dv.index_add_(1, ki.reshape(-1), (probs.transpose(-1, -2) @ go).view(bh, -1, v.shape[-1]))
+            if drpb is not None:
+                per_head = dlogits.view(batch, rpb.shape[0], -1).sum(0)
+                drpb.index_add_(1, tiling.rel(c0, c1).reshape(-1), per_head)
+        dq.mul_(scale)
+        return dq, dk, dv, (drpb.view(rpb.shape) if drpb is not None else None), None, None, None
 
 
 def na_fused_cpu(
@@ -295,64 +337,25 @@ def na_fused_cpu(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Heads-last fused neighborhood attention on the CPU; same contract as the reference backend."""
     batch, *spatial, heads, dim = q.shape
-    kv_heads, dim_v = k.shape[-2], v.shape[-1]
+    dim_v = v.shape[-1]
     n = math.prod(spatial)
-    rep = heads // kv_heads
-    shape = tuple(spatial)
+    acc = torch.promote_types(q.dtype, torch.float32)  # half precision computes in fp32 on the CPU
+    tiling = _Tiling(tuple(spatial), kernel, dilation, stride, causal, mode)
 
-    def flat(t: torch.Tensor, h: int, dd: int) -> torch.Tensor:  # [B, *S, h, dd] -> [B*H, N, dd]
+    def flat(t: torch.Tensor) -> torch.Tensor:  # [B, *S, h, dd] -> [B*heads, N + 1, dd], zero row last
+        h, dd = t.shape[-2:]
         t = t.reshape(batch, n, h, dd).transpose(1, 2)
         if h != heads:
-            t = t.repeat_interleave(rep, dim=1)
-        return t.reshape(batch * heads, n, dd).contiguous()
+            t = t.repeat_interleave(heads // h, dim=1)
+        return torch.cat([t, t.new_zeros(batch, heads, 1, dd)], dim=2).reshape(batch * heads, n + 1, dd).to(acc)
 
-    if _halo_applies(shape, stride, causal, mode, q, kernel):
-        return _halo_fused(q, k, v, kernel, dilation, rpb, scale, additional_keys, additional_values, return_lse)
-    key, valid = window_table(shape, kernel, dilation, stride, causal, mode)
-    bias = None
-    if rpb is not None:
-        idx = rpb_table(shape, kernel, dilation, stride, causal, mode)
-        table = rpb.reshape(heads, -1).to(torch.promote_types(q.dtype, torch.float32))
-        # [H, N, K] -> broadcast over the batch: [B*H, N, K]
-        bias = table[:, idx].unsqueeze(0).expand(batch, -1, -1, -1).reshape(batch * heads, n, key.shape[1])
-    ak = av = None
+    rpb_acc = rpb.to(acc) if rpb is not None else None
+    out, lse = _TiledNA.apply(flat(q), flat(k), flat(v), rpb_acc, tiling, scale, batch)
+    out = out[:, :n].reshape(batch, heads, n, dim_v).transpose(1, 2).reshape(batch, *spatial, heads, dim_v)
+    lse = lse[:, :n].reshape(batch, heads, n).transpose(1, 2).reshape(batch, *spatial, heads)
     if additional_keys is not None:
-        e = additional_keys.shape[1]
-        ak = additional_keys.transpose(1, 2).repeat_interleave(rep, dim=1).reshape(batch * heads, e, dim)
-        av = additional_values.transpose(1, 2).repeat_interleave(rep, dim=1).reshape(batch * heads, e, dim_v)
-    out, lse = _FusedNA.apply(flat(q, heads, dim), flat(k, kv_heads, dim), flat(v, kv_heads, dim_v), bias, key,
-                              valid, scale, ak, av)
-    out = out.reshape(batch, heads, n, dim_v).transpose(1, 2).reshape(batch, *spatial, heads, dim_v)
+        out, lse = attend_extra_and_merge(q, out, lse, additional_keys, additional_values, scale)
+    out = out.to(v.dtype)
     if return_lse:
-        return out, lse.reshape(batch, heads, n).transpose(1, 2).reshape(batch, *spatial, heads)
-    return out
-
-
-def _halo_fused(q, k, v, kernel, dilation, rpb, scale, additional_keys, additional_values, return_lse):  # noqa: ANN001
-    """Heads-last 2D entry of the halo path; dilation runs each dilation sub-lattice as undilated NA."""
-    batch, size_x, size_y, heads, dim = q.shape
-    rep = heads // k.shape[-2]
-
-    def heads_first(t: torch.Tensor) -> torch.Tensor:  # [B, X, Y, h', D] -> [B, heads, X, Y, D]
-        t = t.permute(0, 3, 1, 2, 4)
-        return t.repeat_interleave(rep, dim=1) if t.shape[1] != heads else t
-
-    qh, kh, vh = heads_first(q), heads_first(k), heads_first(v)
-    ak = av = None
-    if additional_keys is not None:
-        ak = additional_keys.transpose(1, 2).repeat_interleave(rep, dim=1)
-        av = additional_values.transpose(1, 2).repeat_interleave(rep, dim=1)
-    dx, dy = dilation
-    if dx == dy == 1:
-        out, lse = _halo_na2d(qh, kh, vh, kernel, rpb, scale, ak, av)
-    else:
-        out = qh.new_zeros(*qh.shape[:-1], v.shape[-1])
-        lse = qh.new_zeros(qh.shape[:-1])
-        for gx in range(dx):
-            for gy in range(dy):
-                sub = (slice(None), slice(None), slice(gx, None, dx), slice(gy, None, dy))
-                out[sub], lse[sub] = _halo_na2d(qh[sub], kh[sub], vh[sub], kernel, rpb, scale, ak, av)
-    out = out.permute(0, 2, 3, 1, 4).to(v.dtype)
-    if return_lse:
-        return out, lse.permute(0, 2, 3, 1).to(q.dtype)
+        return out, lse.to(q.dtype)
     return out

@@ -25,7 +25,8 @@ from typing import Any
 
 import torch
 
-from attnseg.ops.windows import axis_table, rpb_onehot
+from attnseg.ops.merge import attend_extra_and_merge
+from attnseg.ops.windows import axis_bounds, rpb_onehot
 
 try:  # triton is a dependency of CUDA builds of torch; a CPU-only install may lack it
     import triton
@@ -34,7 +35,7 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
     triton = None
     tl = None
 
-__all__ = ["na_fused_triton", "can_run_triton", "axis_bounds"]
+__all__ = ["na_fused_triton", "can_run_triton"]
 
 _LOG2E = 1.4426950408889634
 
@@ -60,31 +61,6 @@ def can_run_triton(*tensors: torch.Tensor, op: str = "fused", **_: Any) -> str |
 
 
 # -- tables ---------------------------------------------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=256)
-def axis_bounds(length: int, kernel: int, dilation: int, stride: int, causal: bool, mode: str) -> torch.Tensor:
-    """Per-axis window bounds in dilation-group coordinates, indexed by the real coordinate ``x``.
-
-    Returns ``int32 [5, length]``: rows ``lo, hi`` (the keys query ``x`` sees are ``[lo, hi)``), ``start`` (its
-    window start, slot 0; may be negative in zeropad mode), and ``q_first, q_end``: the queries of ``x``'s group
-    whose windows reach past key ``x`` are ``>= q_first``, those whose windows start at or before it are
-    ``< q_end``. ``lo`` and ``hi`` are non-decreasing within a group, so a box of queries sees a box of keys
-    and a box of keys is seen by a box of queries; the kernels rely on that.
-    """
-    key, valid = axis_table(length, kernel, dilation, stride, causal, mode)
-    x = torch.arange(length)
-    group, member = x % dilation, key // dilation
-    big = torch.iinfo(torch.long).max
-    lo = torch.where(valid, member, big).amin(1)
-    hi = torch.where(valid, member, -1).amax(1) + 1
-    first_valid = valid.long().argmax(1)
-    start = member.gather(1, first_valid[:, None]).squeeze(1) - first_valid
-    same_group = group[:, None] == group[None, :]  # [key x, query x']
-    j = (x // dilation)[:, None]
-    q_first = (same_group & (hi[None, :] <= j)).sum(1)
-    q_end = (same_group & (lo[None, :] <= j)).sum(1)
-    return torch.stack([lo, hi, start, q_first, q_end]).to(torch.int32)
 
 
 @functools.lru_cache(maxsize=64)
@@ -536,26 +512,7 @@ def na_fused_triton(
     out = out.reshape(*q.shape[:-1], v.shape[-1])
     lse = lse.reshape(q.shape[:-1])
     if additional_keys is not None:
-        out, lse = _merge_additional(q, out, lse, additional_keys, additional_values, scale)
+        out, lse = attend_extra_and_merge(q, out, lse, additional_keys, additional_values, scale)
     if return_lse:
         return out, lse.to(q.dtype)
     return out
-
-
-def _merge_additional(q, out, lse, additional_keys, additional_values, scale):  # noqa: ANN001, ANN202
-    """Attend every query to the extra tokens too: merge two softmaxes through their logsumexps."""
-    batch, *spatial, heads, dim = q.shape
-    rep = heads // additional_keys.shape[2]
-    ak = additional_keys.repeat_interleave(rep, dim=2)  # [B, E, H, D]
-    av = additional_values.repeat_interleave(rep, dim=2)
-    qf = q.reshape(batch, -1, heads, dim)
-    logits = torch.einsum("bnhd,behd->bnhe", qf, ak).to(lse.dtype) * scale
-    lse_extra = torch.logsumexp(logits, dim=-1)
-    out_extra = torch.einsum("bnhe,behd->bnhd", torch.softmax(logits, dim=-1).to(av.dtype), av)
-    lse_na = lse.reshape(batch, -1, heads)
-    merged = torch.logaddexp(lse_na, lse_extra)
-    w_na = torch.exp(lse_na - merged)[..., None]
-    w_extra = torch.exp(lse_extra - merged)[..., None]
-    out_flat = out.reshape(batch, -1, heads, out.shape[-1])
-    combined = (out_flat.to(merged.dtype) * w_na + out_extra.to(merged.dtype) * w_extra).to(out.dtype)
-    return combined.reshape(out.shape), merged.reshape(lse.shape)

@@ -25,7 +25,7 @@ import math
 
 import torch
 
-__all__ = ["axis_table", "window_table", "rpb_table", "rpb_onehot"]
+__all__ = ["axis_table", "axis_bounds", "window_table", "rpb_table", "rpb_onehot"]
 
 
 @functools.lru_cache(maxsize=256)
@@ -142,3 +142,28 @@ def rpb_onehot(length: int, kernel: int, dilation: int = 1, stride: int = 1, cau
     _, valid = axis_table(length, kernel, dilation, stride, causal, mode)
     onehot = torch.nn.functional.one_hot(_rpb_offsets(length, kernel, dilation, stride, causal, mode), 2 * kernel - 1)
     return (onehot * valid[..., None]).float()
+
+
+@functools.lru_cache(maxsize=256)
+def axis_bounds(length: int, kernel: int, dilation: int, stride: int, causal: bool, mode: str) -> torch.Tensor:
+    """Per-axis window bounds in dilation-group coordinates, indexed by the real coordinate ``x``.
+
+    Returns ``int32 [5, length]``: rows ``lo, hi`` (the keys query ``x`` sees are ``[lo, hi)``), ``start`` (its
+    window start, slot 0; may be negative in zeropad mode), and ``q_first, q_end``: the queries of ``x``'s group
+    whose windows reach past key ``x`` are ``>= q_first``, those whose windows start at or before it are
+    ``< q_end``. ``lo`` and ``hi`` are non-decreasing within a group, so a box of queries sees a box of keys
+    and a box of keys is seen by a box of queries; the kernels rely on that.
+    """
+    key, valid = axis_table(length, kernel, dilation, stride, causal, mode)
+    x = torch.arange(length)
+    group, member = x % dilation, key // dilation
+    big = torch.iinfo(torch.long).max
+    lo = torch.where(valid, member, big).amin(1)
+    hi = torch.where(valid, member, -1).amax(1) + 1
+    first_valid = valid.long().argmax(1)
+    start = member.gather(1, first_valid[:, None]).squeeze(1) - first_valid
+    same_group = group[:, None] == group[None, :]  # [key x, query x']
+    j = (x // dilation)[:, None]
+    q_first = (same_group & (hi[None, :] <= j)).sum(1)
+    q_end = (same_group & (lo[None, :] <= j)).sum(1)
+    return torch.stack([lo, hi, start, q_first, q_end]).to(torch.int32)

@@ -1,3 +1,4 @@
+import math
 import os
 import random
 import subprocess
@@ -133,33 +134,61 @@ def test_3d_32cubed_kernel7_forward_backward_stays_under_1gib():
     assert peak_mib < 1024, f"peak memory {peak_mib:.0f} MiB over the inputs"
 
 
-@pytest.mark.parametrize("shape,kernel,dilation,heads,kv_heads,extra", [
-    ((13, 17), (5, 3), (1, 1), 2, 2, False),
-    ((9, 9), 3, 1, 1, 1, True),
-    ((20, 11), (7, 4), (2, 2), 4, 2, True),   # dilation sub-lattices, even kernel, GQA
-    ((5, 6), (5, 6), 1, 2, 2, False),         # kernel == map: plain attention
-    ((23, 30), 7, (3, 1), 2, 1, False),
+@pytest.mark.parametrize("chunk_bytes", [1, 48 * 2**20])  # one tile per chunk (recompute in backward) / one chunk
+@pytest.mark.parametrize("shape,kernel,kw", [
+    ((13, 17), (5, 3), {}),
+    ((20, 11), (7, 4), {"dilation": (2, 2)}),                       # dilation groups, even kernel
+    ((5, 6), (5, 6), {}),                                           # kernel == map: plain attention
+    ((23, 30), 7, {"dilation": (3, 1), "stride": (2, 3)}),
+    ((17, 19), (4, 5), {"is_causal": (True, False), "stride": (1, 2)}),
+    ((15, 16), 5, {"mode": "zeropad"}),
+    ((9, 10, 11), (3, 5, 2), {"dilation": (2, 1, 1), "is_causal": (False, False, True)}),
+    ((70,), 9, {"dilation": 3, "stride": 4}),
 ])
-def test_2d_halo_path_matches_reference(shape, kernel, dilation, heads, kv_heads, extra):
-    from attnseg.ops.cpu import _halo_applies
+def test_tiled_fused_path_matches_reference(monkeypatch, chunk_bytes, shape, kernel, kw):
+    from attnseg.ops import cpu
 
+    monkeypatch.setattr(cpu, "_CHUNK_BYTES_TILED", chunk_bytes)
     torch.manual_seed(0)
-    kern = (kernel,) * 2 if isinstance(kernel, int) else kernel
-    q = torch.randn(2, *shape, heads, 8, requires_grad=True)
-    k, v = (torch.randn(2, *shape, kv_heads, 8, requires_grad=True) for _ in range(2))
-    rpb = torch.randn(heads, *[2 * kk - 1 for kk in kern], requires_grad=True)
-    kw = {}
-    if extra:
-        kw = {"additional_keys": torch.randn(2, 3, kv_heads, 8, requires_grad=True),
-              "additional_values": torch.randn(2, 3, kv_heads, 8, requires_grad=True)}
-    assert _halo_applies(shape, (1, 1), (False, False), "natten", q, kern)
-    leaves = [q, k, v, rpb, *kw.values()]
+    ndim = len(shape)
+    kern = (kernel,) * ndim if isinstance(kernel, int) else kernel
+    q = torch.randn(2, *shape, 4, 8, requires_grad=True)
+    k, v = (torch.randn(2, *shape, 2, 8, requires_grad=True) for _ in range(2))
+    rpb = torch.randn(4, *[2 * kk - 1 for kk in kern], requires_grad=True)
+    extra = {"additional_keys": torch.randn(2, 3, 2, 8, requires_grad=True),
+             "additional_values": torch.randn(2, 3, 2, 8, requires_grad=True)}
+    leaves = [q, k, v, rpb, *extra.values()]
+    fn = getattr(ops, f"na{ndim}d")
     results = []
     for backend in ("cpu", "reference"):
-        out, lse = ops.na2d(q, k, v, kernel, dilation, rpb=rpb, return_lse=True, backend=backend, **kw)
+        out, lse = fn(q, k, v, kernel, rpb=rpb, return_lse=True, backend=backend, **kw, **extra)
         grads = torch.autograd.grad(out.square().sum() + lse.sum(), leaves)
         results.append((out, lse, grads))
     (o1, l1, g1), (o2, l2, g2) = results
     assert torch.allclose(o1, o2, atol=1e-5) and torch.allclose(l1, l2, atol=1e-5)
     for a, b in zip(g1, g2):
         assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_tiles_cover_every_query_once_and_boxes_hold_every_window():
+    from attnseg.ops.cpu import _Tiling
+    from attnseg.ops.windows import window_table
+
+    for shape, kernel, dil, stride, causal, mode in [
+        ((13, 17), (5, 3), (2, 1), (1, 3), (False, True), "natten"),
+        ((9, 10, 11), (3, 5, 2), (1, 2, 1), (3, 1, 2), (True, False, False), "natten"),
+        ((15, 12), (5, 4), (1, 1), (1, 1), (False, False), "zeropad"),
+    ]:
+        tiling = _Tiling(shape, kernel, dil, stride, causal, mode)
+        n = math.prod(shape)
+        queries = tiling.queries[tiling.queries < n]
+        assert sorted(queries.tolist()) == list(range(n))  # each query in exactly one tile
+        key, valid = window_table(shape, kernel, dil, stride, causal, mode)
+        allowed = tiling.allowed(0, tiling.n_tiles)
+        for t in range(tiling.n_tiles):
+            for slot, qi in enumerate(tiling.queries[t].tolist()):
+                if qi == n:
+                    assert not allowed[t, slot].any()  # padding sees nothing
+                    continue
+                seen = set(tiling.keys[t][allowed[t, slot]].tolist())
+                assert seen == set(key[qi][valid[qi]].tolist()), (shape, qi)

@@ -16,7 +16,7 @@ import torch
 
 from attnseg import ops
 from attnseg.ops import triton_kernels
-from attnseg.ops.windows import axis_table, rpb_table, window_table
+from attnseg.ops.windows import axis_bounds, axis_table, rpb_table, window_table
 
 pytestmark = pytest.mark.skipif(triton_kernels.triton is None, reason="triton is not installed")
 
@@ -135,7 +135,7 @@ def test_triton_half_precision_determinism_and_gradcheck(tmp_path):
     (11, 5, 1, 1, False, "zeropad"), (9, 9, 1, 9, False, "natten"),
 ])
 def test_axis_bounds_agree_with_the_window_table(length, kernel, dilation, stride, causal, mode):
-    bounds = triton_kernels.axis_bounds(length, kernel, dilation, stride, causal, mode).long()
+    bounds = axis_bounds(length, kernel, dilation, stride, causal, mode).long()
     key, valid = axis_table(length, kernel, dilation, stride, causal, mode)
     lo, hi, start, q_first, q_end = bounds
     for x in range(length):
