@@ -7,6 +7,12 @@ CPU: attnseg's ``cpu`` and ``reference`` backends against a naive unfold/gather 
 k3/k5/k7, forward and forward+backward: median milliseconds and peak memory (RSS growth of a fresh
 process running one forward+backward). Methods whose memory would exceed the machine are skipped and
 say why.
+
+``python tools/benchmark.py ops-gpu``: the same shapes on a CUDA GPU (batch 1 and 32, fp16 and fp32): the
+``triton`` backend against natten (when installed) and full attention through SDPA, plus each case's
+memory-bandwidth floor: the bytes an ideal fused kernel moves (q, k, v read once, the output written once,
+plus the logsumexp) over the device bandwidth measured in the same run with a large copy. Each suite rewrites
+only its own section of the output file.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 MIB = 2**20
+HEADER = "# Benchmarks\n\nWritten by `tools/benchmark.py`; each section is one suite, rewritten by its own run.\n"
 
 
 def naive_gather(q, k, v, kernel):
@@ -81,15 +88,15 @@ def _bytes_needed(method: str, shape: tuple[int, ...], kernel: int) -> float:
     return 0
 
 
-def _time(fn, shape, kernel, backward: bool, reps: int) -> float:
+def _time(fn, shape, kernel, backward: bool, reps: int, warmup: int = 1) -> float:
     q, k, v = (torch.randn(shape, requires_grad=backward) for _ in range(3))
     times = []
-    for i in range(reps + 1):
+    for i in range(reps + warmup):
         t0 = time.perf_counter()
         out = fn(q, k, v, kernel)
         if backward:
             out.sum().backward()
-        if i:  # the first call warms caches and window tables
+        if i >= warmup:  # the first calls warm caches, the allocator and window tables
             times.append((time.perf_counter() - t0) * 1000)
     return statistics.median(times)
 
@@ -146,24 +153,133 @@ def bench_ops(quick: bool) -> list[dict]:
             elif method == "SDPA full attention" and len(shape) == 6:
                 row["note"] = "skipped: N^2 = 1.1e9 logits per head"
             else:
-                reps = 1 if len(shape) == 6 else 5
-                row["fwd_ms"] = _time(fn, shape, kernel, False, reps)
-                row["fwd_bwd_ms"] = _time(fn, shape, kernel, True, reps)
+                reps, warmup = (1, 1) if len(shape) == 6 else (20, 5)
+                row["fwd_ms"] = _time(fn, shape, kernel, False, reps, warmup)
+                row["fwd_bwd_ms"] = _time(fn, shape, kernel, True, reps, warmup)
                 row["peak_mib"] = _peak_mib(method, shape, kernel)
             rows.append(row)
             print(json.dumps(row), flush=True)
     return rows
 
 
+# -- GPU ------------------------------------------------------------------------------------------------------
+
+GPU_CASES = [((1, 56, 56, 4, 32), 7), ((32, 56, 56, 4, 32), 7), ((1, 32, 32, 32, 4, 32), 3),
+             ((1, 32, 32, 32, 4, 32), 5), ((1, 32, 32, 32, 4, 32), 7)]
+
+
+def ideal_bytes(shape: tuple[int, ...], element_size: int, backward: bool) -> int:
+    """Bytes an ideal fused kernel moves: q, k, v read and the output written once, plus the fp32 logsumexp.
+
+    The backward pass of such a kernel reads q, k, v, out, dO and the logsumexp and writes dq, dk, dv.
+    """
+    tokens = math.prod(shape[:-1])  # batch * spatial * heads
+    forward = 4 * tokens * shape[-1] * element_size + 4 * tokens
+    return forward + (8 * tokens * shape[-1] * element_size + 2 * 4 * tokens if backward else 0)
+
+
+def _gpu_time(fn, reps: int = 20, warmup: int = 5) -> float:
+    for _ in range(warmup):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps):
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def _gpu_fwd_bwd(fn, shape, kernel, dtype) -> tuple[float, float]:
+    q, k, v = (torch.randn(shape, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
+    grad = torch.randn(shape, device="cuda", dtype=dtype)
+    return _gpu_time(lambda: fn(q, k, v, kernel)), _gpu_time(lambda: fn(q, k, v, kernel).backward(grad))
+
+
+def measured_bandwidth_gbs() -> float:
+    """Device memory bandwidth from a 1 GiB copy (read + write), in GB/s."""
+    x = torch.empty(2**28, dtype=torch.float32, device="cuda")
+    ms = _gpu_time(lambda: x.clone())
+    return 2 * x.numel() * 4 / (ms * 1e-3) / 1e9
+
+
+def bench_ops_gpu() -> list[dict]:
+    from attnseg import ops
+
+    if not torch.cuda.is_available():
+        raise SystemExit("ops-gpu needs a CUDA device; none is visible")
+    bandwidth = measured_bandwidth_gbs()
+    methods = {"attnseg triton": lambda q, k, v, kern: getattr(ops, f"na{q.ndim - 3}d")(q, k, v, kern,
+                                                                                         backend="triton"),
+               "natten": _natten, "SDPA full attention": sdpa_full}
+    try:
+        import natten  # noqa: F401
+    except ImportError:
+        methods.pop("natten")
+    rows = []
+    for dtype in (torch.float16, torch.float32):
+        for shape, kernel in GPU_CASES:
+            case = f"{'2D' if len(shape) == 5 else '3D'} {'x'.join(map(str, shape))} k{kernel} {str(dtype)[6:]}"
+            for method, fn in methods.items():
+                row = {"case": case, "method": method, "bandwidth_gbs": bandwidth}
+                n = math.prod(shape[1:-2])
+                if method == "SDPA full attention" and n > 16384 and dtype == torch.float32:
+                    row["note"] = "skipped: fp32 SDPA falls back to the O(N^2) math path"
+                else:
+                    try:
+                        row["fwd_ms"], row["fwd_bwd_ms"] = _gpu_fwd_bwd(fn, shape, kernel, dtype)
+                    except (RuntimeError, torch.OutOfMemoryError) as err:
+                        row["note"] = f"failed: {str(err).splitlines()[0][:80]}"
+                    torch.cuda.empty_cache()
+                for key, backward in (("fwd_floor_ms", False), ("fwd_bwd_floor_ms", True)):
+                    row[key] = ideal_bytes(shape, torch.finfo(dtype).bits // 8, backward) / (bandwidth * 1e9) * 1e3
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    return rows
+
+
+def render_gpu(rows: list[dict]) -> str:
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "?"
+    bandwidth = rows[0]["bandwidth_gbs"] if rows else float("nan")
+    lines = [
+        "## Neighborhood attention (GPU)",
+        "",
+        f"Device: {device}; measured copy bandwidth {bandwidth:.0f} GB/s. Median CUDA-event time of forward and "
+        "forward+backward; floor = ideal fused bytes / measured bandwidth (the limit for these memory-bound "
+        "shapes); % of floor = floor / time.",
+        "",
+        "| case | method | fwd ms | fwd+bwd ms | fwd floor ms | fwd % of floor | fwd+bwd % of floor | note |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        fwd, fb = r.get("fwd_ms"), r.get("fwd_bwd_ms")
+        pct_f = f"{100 * r['fwd_floor_ms'] / fwd:.0f}%" if fwd else "–"
+        pct_b = f"{100 * r['fwd_bwd_floor_ms'] / fb:.0f}%" if fb else "–"
+        lines.append(f"| {r['case']} | {r['method']} | {fwd and f'{fwd:.3f}' or '–'} | {fb and f'{fb:.3f}' or '–'} "
+                     f"| {r['fwd_floor_ms']:.3f} | {pct_f} | {pct_b} | {r.get('note', '')} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def replace_section(document: str, suite: str, body: str) -> str:
+    """``document`` with the block of ``suite`` (between its markers) replaced by ``body``, or appended."""
+    begin, end = f"<!-- begin {suite} -->", f"<!-- end {suite} -->"
+    block = f"{begin}\n{body.rstrip()}\n{end}\n"
+    if begin in document and end in document:
+        head, rest = document.split(begin, 1)
+        return head + block + rest.split(end, 1)[1].lstrip("\n")
+    return document.rstrip("\n") + ("\n\n" if document.strip() else "") + block
+
+
 def render(rows: list[dict]) -> str:
     lines = [
-        "# Benchmarks",
+        "## Neighborhood attention (CPU, fp32)",
         "",
-        "Generated by `python tools/benchmark.py ops`; every row of a table comes from the same run.",
+        "Generated by `python tools/benchmark.py ops`; every row of the table comes from the same run.",
         f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
         f"{torch.__version__}.",
-        "",
-        "## Neighborhood attention (CPU, fp32)",
         "",
         "Median wall time of forward and forward+backward; peak = RSS growth of a fresh process running one "
         "forward+backward.",
@@ -205,12 +321,14 @@ def render(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("suite", choices=["ops"])
-    parser.add_argument("--quick", action="store_true", help="2D case only")
+    parser.add_argument("suite", choices=["ops", "ops-gpu"])
+    parser.add_argument("--quick", action="store_true", help="2D case only (ops)")
     parser.add_argument("--out", default=str(REPO / "docs" / "benchmarks.md"))
     args = parser.parse_args(argv)
-    rows = bench_ops(args.quick)
-    Path(args.out).write_text(render(rows))
+    body = render(bench_ops(args.quick)) if args.suite == "ops" else render_gpu(bench_ops_gpu())
+    out = Path(args.out)
+    document = out.read_text() if out.is_file() else HEADER
+    out.write_text(replace_section(document, args.suite, body))
     print(f"wrote {args.out}")
     return 0
 

@@ -166,6 +166,7 @@ def na_av_cpu(attn: torch.Tensor, v: torch.Tensor, kernel: tuple[int, ...], dila
 
 _TILE = {1: (16,), 2: (4, 8), 3: (4, 4, 4)}
 _CHUNK_BYTES_TILED = 48 * 2**20  # scores of one chunk of tiles, all batch * heads
+_LOG2E = math.log2(math.e)
 
 
 @dataclass(frozen=True)
@@ -259,18 +260,30 @@ class _Tiling:
 
 def _tile_scores(tiling: _Tiling, c0: int, c1: int, qs: torch.Tensor, kb: torch.Tensor,
                  rpb: torch.Tensor | None, batch: int) -> torch.Tensor:
-    """Masked logits ``[BH, chunk, Tq, W]`` of a chunk of tiles (``qs`` already scaled)."""
+    """Masked logits in log2 units ``[BH, chunk, Tq, W]`` of a chunk of tiles (``qs`` scaled by scale * log2 e).
+
+    Base 2 because ``exp2`` is several times faster than ``exp`` on CPUs, whose ``exp`` takes a slow path for the
+    ``-inf`` of masked logits.
+    """
     scores = qs @ kb.transpose(-1, -2)
     if rpb is not None:
         heads = rpb.shape[0]
         bias = rpb.reshape(heads, -1)[:, tiling.rel(c0, c1)].to(scores.dtype)  # [H, chunk, Tq, W]
-        scores.view(batch, heads, *scores.shape[1:]).add_(bias)
+        scores.view(batch, heads, *scores.shape[1:]).add_(bias, alpha=_LOG2E)
     return scores.masked_fill_(~tiling.allowed(c0, c1), float("-inf"))
 
 
 def _rows(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``t [BH, N + 1, D]`` at ``index [chunk, M]`` -> ``[BH, chunk, M, D]``."""
     return t.index_select(1, index.reshape(-1)).view(t.shape[0], *index.shape, t.shape[-1])
+
+
+def _scatter_rows(target: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> None:
+    """``target [N + 1, BH, D] += rows [BH, chunk, M, D]`` at ``index [chunk, M]``.
+
+    Adding whole ``BH * D`` rows along dim 0 is several times faster than ``index_add_`` along dim 1.
+    """
+    target.index_add_(0, index.reshape(-1), rows.permute(1, 2, 0, 3).reshape(-1, *target.shape[1:]))
 
 
 class _TiledNA(torch.autograd.Function):
@@ -281,52 +294,55 @@ class _TiledNA(torch.autograd.Function):
         out = torch.empty(bh, n1, dim_v, dtype=q.dtype)
         lse = torch.empty(bh, n1, dtype=q.dtype)
         chunks = tiling.chunks(bh)
-        saved_probs = None
+        kept = (None,) * 4
         for c0, c1 in chunks:
             qi, ki = tiling.queries[c0:c1], tiling.keys[c0:c1]
-            probs = _tile_scores(tiling, c0, c1, _rows(q, qi) * scale, _rows(k, ki), rpb, batch)
+            qs, kb, vb = _rows(q, qi) * (scale * _LOG2E), _rows(k, ki), _rows(v, ki)
+            probs = _tile_scores(tiling, c0, c1, qs, kb, rpb, batch)
             row_max = probs.amax(-1, keepdim=True).nan_to_num_(0.0, 0.0, 0.0)  # padding rows: all -inf
-            probs.sub_(row_max).exp_()
+            probs.sub_(row_max).exp2_()
             denom = probs.sum(-1, keepdim=True)
             denom.masked_fill_(denom == 0, 1.0)
             probs.div_(denom)
-            out.index_copy_(1, qi.reshape(-1), (probs @ _rows(v, ki)).view(bh, -1, dim_v))
-            lse.index_copy_(1, qi.reshape(-1), (row_max + denom.log()).view(bh, -1))
-            if len(chunks) == 1:
-                saved_probs = probs  # one chunk: keep the probabilities instead of recomputing them
-        ctx.save_for_backward(q, k, v, out, lse, rpb, saved_probs)
+            out.index_copy_(1, qi.reshape(-1), (probs @ vb).view(bh, -1, dim_v))
+            lse.index_copy_(1, qi.reshape(-1), ((row_max + denom.log2()) / _LOG2E).view(bh, -1))
+            if len(chunks) == 1:  # one chunk: keep the tiles and probabilities instead of recomputing them
+                kept = (qs, kb, vb, probs)
+        ctx.save_for_backward(q, k, v, out, lse, rpb, *kept)
         ctx.tiling, ctx.scale, ctx.batch = tiling, scale, batch
         return out, lse
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):  # noqa: ANN001
-        q, k, v, out, lse, rpb, saved_probs = ctx.saved_tensors
+        q, k, v, out, lse, rpb, *kept = ctx.saved_tensors
         tiling, scale, batch = ctx.tiling, ctx.scale, ctx.batch
         bh = q.shape[0]
         grad_out = grad_out.contiguous()
         delta = (grad_out * out).sum(-1)
         if grad_lse is not None:
             delta = delta - grad_lse  # d lse / d logit = p: folds into the softmax backward's row term
-        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        # gradients accumulate key-major ([N + 1, BH, D]) for fast row scatters
+        dq, dk, dv = (torch.zeros(t.shape[1], bh, t.shape[2], dtype=t.dtype) for t in (q, k, v))
         drpb = torch.zeros(rpb.shape[0], rpb[0].numel(), dtype=q.dtype) if ctx.needs_input_grad[3] else None
         for c0, c1 in tiling.chunks(bh):
             qi, ki = tiling.queries[c0:c1], tiling.keys[c0:c1]
-            qs, kb, vb = _rows(q, qi) * scale, _rows(k, ki), _rows(v, ki)
-            if saved_probs is not None:
-                probs = saved_probs
+            if kept[0] is not None:
+                qs, kb, vb, probs = kept
             else:
+                qs, kb, vb = _rows(q, qi) * (scale * _LOG2E), _rows(k, ki), _rows(v, ki)
                 probs = _tile_scores(tiling, c0, c1, qs, kb, rpb, batch)
-                probs.sub_(_rows(lse[..., None], qi)).exp_()
+                probs.sub_(_rows(lse[..., None], qi), alpha=_LOG2E).exp2_()
             go = _rows(grad_out, qi)
-            dlogits = (go @ vb.transpose(-1, -2)).sub_(_rows(delta[..., None], qi)).mul_(probs)
-            dq.index_add_(1, qi.reshape(-1), (dlogits @ kb).view(bh, -1, q.shape[-1]))
-            dk.index_add_(1, ki.reshape(-1), (dlogits.transpose(-1, -2) @ qs).view(bh, -1, k.shape[-1]))
-            dv.index_add_(1, ki.reshape(-1), (probs.transpose(-1, -2) @ go).view(bh, -1, v.shape[-1]))
+            dlogits = (go @ vb.transpose(-1, -2)).sub_(_rows(delta[..., None], qi)).mul_(probs)  # natural units
+            _scatter_rows(dq, qi, dlogits @ kb)
+            _scatter_rows(dk, ki, dlogits.transpose(-1, -2) @ qs)
+            _scatter_rows(dv, ki, probs.transpose(-1, -2) @ go)
             if drpb is not None:
                 per_head = dlogits.view(batch, rpb.shape[0], -1).sum(0)
                 drpb.index_add_(1, tiling.rel(c0, c1).reshape(-1), per_head)
-        dq.mul_(scale)
-        return dq, dk, dv, (drpb.view(rpb.shape) if drpb is not None else None), None, None, None
+        dq = dq.transpose(0, 1).mul_(scale)
+        dk = dk.transpose(0, 1).div_(_LOG2E)  # qs carried log2 e
+        return dq, dk, dv.transpose(0, 1), (drpb.view(rpb.shape) if drpb is not None else None), None, None, None
 
 
 def na_fused_cpu(

@@ -17,6 +17,7 @@ import torch
 from attnseg import ops
 from attnseg.ops import triton_kernels
 from attnseg.ops.windows import axis_bounds, axis_table, rpb_table, window_table
+from tests.conftest import PARITY_DIR
 
 pytestmark = pytest.mark.skipif(triton_kernels.triton is None, reason="triton is not installed")
 
@@ -34,7 +35,8 @@ def _run_cases(cases: list[dict], tmp_path: Path) -> list[dict]:
     if CUDA:
         cmd += ["--device", "cuda"]
         # fp64 only exists for the interpreter's gradient checks; on a GPU check fp32 instead
-        cases = [dict(c, dtype="float32") if c.get("dtype", "float64") == "float64" else c for c in cases]
+        cases = [dict(c, dtype="float32") if "shape" in c and c.get("dtype", "float64") == "float64" else c
+                 for c in cases]
         path.write_text(json.dumps(cases))
     else:
         env["TRITON_INTERPRET"] = "1"
@@ -83,6 +85,17 @@ CASES = [
 
 def test_triton_matches_reference_fast(tmp_path):
     _assert_close(_run_cases(FAST_CASES, tmp_path))
+
+
+def test_triton_matches_natten_fixtures(tmp_path):
+    names = ["na1d_fused_natten.pt", "na2d_fused_natten.pt", "na3d_fused_natten.pt"]
+    if not all((PARITY_DIR / name).is_file() for name in names):
+        pytest.skip(f"NATTEN parity fixtures not found in {PARITY_DIR}")
+    results = _run_cases([{"fixture": name, "fixture_dir": str(PARITY_DIR)} for name in names], tmp_path)
+    for item in results:
+        result = item["result"]
+        assert result["cases"] > 0
+        assert result["max_abs_err"] <= result["atol"], item
 
 
 @pytest.mark.slow

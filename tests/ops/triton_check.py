@@ -6,13 +6,15 @@ process instead of raising. The reference runs in float64 on the same (upcast) i
 measures the error of every dtype. Each case is a dict: ``shape`` (spatial), ``kernel``, and optionally
 ``dilation``, ``stride``, ``causal``, ``mode``, ``heads``, ``kv_heads``, ``dim``, ``dim_v``, ``batch``,
 ``rpb``, ``extra`` (number of additional keys), ``dtype``, ``determinism`` (run the backward twice and report
-whether the gradients are bitwise equal), ``gradcheck`` (torch.autograd.gradcheck in float64).
+whether the gradients are bitwise equal), ``gradcheck`` (torch.autograd.gradcheck in float64). A case ``{"fixture": NAME, "fixture_dir": DIR}`` instead
+runs the cases of an official NATTEN parity fixture.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import torch
 
@@ -82,11 +84,28 @@ def check(case: dict, device: str) -> dict:
     return result
 
 
+def check_fixture(case: dict, device: str) -> dict:
+    """Max error over the cases of an official NATTEN parity fixture, and the fixture's own tolerance."""
+    fx = torch.load(Path(case["fixture_dir"]) / case["fixture"], map_location="cpu", weights_only=True)
+    errors = []
+    for item in fx["cases"]:
+        tensors = {name: item[key].to(device) for name, key in (("query", "q"), ("key", "k"), ("value", "v"))}
+        for name in ("additional_keys", "additional_values"):
+            if name in item:
+                tensors[name] = item[name].to(device)
+        out, lse = getattr(ops, item["op"])(**tensors, **item["kwargs"], return_lse=True, backend="triton")
+        errors.append(float((out.cpu() - item["output"]).abs().max()))
+        if "lse" in item:
+            errors.append(float((lse.cpu() - item["lse"]).abs().max()))
+    return {"max_abs_err": max(errors), "atol": fx["tolerance"]["atol"], "cases": len(fx["cases"])}
+
+
 def main(argv: list[str]) -> None:
     cases = json.loads(open(argv[0]).read())
     device = argv[argv.index("--device") + 1] if "--device" in argv else "cpu"
     for case in cases:
-        print(json.dumps({"case": case, "result": check(case, device)}), flush=True)
+        result = check_fixture(case, device) if "fixture" in case else check(case, device)
+        print(json.dumps({"case": case, "result": result}), flush=True)
 
 
 if __name__ == "__main__":
