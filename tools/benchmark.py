@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import statistics
 import subprocess
@@ -281,8 +282,8 @@ def render(rows: list[dict]) -> str:
         f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
         f"{torch.__version__}.",
         "",
-        "Median wall time of forward and forward+backward; peak = RSS growth of a fresh process running one "
-        "forward+backward.",
+        "Median wall time of forward and forward+backward (glibc malloc thresholds raised, see STEADY_MALLOC in the "
+        "tool); peak = RSS growth of a fresh process running one forward+backward.",
         "",
         "| case | method | fwd ms | fwd+bwd ms | peak MiB | ratio fwd+bwd vs attnseg cpu | note |",
         "|---|---|---|---|---|---|---|",
@@ -319,7 +320,16 @@ def render(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# glibc hands large freed buffers back to the OS and page-faults them in again on the next call, which makes
+# CPU timings of every method bimodal (e.g. 5 or 13 ms for the same op). Serving buffers up to 32 MiB (glibc's
+# maximum mmap threshold) from the heap and trimming it only past 1 GiB measures the compute; the tool
+# re-executes itself with these settings, and the same environment variables help CPU training loops.
+STEADY_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 * MIB), "MALLOC_TRIM_THRESHOLD_": str(1024 * MIB)}
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None and any(os.environ.get(k) != v for k, v in STEADY_MALLOC.items()):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **STEADY_MALLOC})
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("suite", choices=["ops", "ops-gpu"])
     parser.add_argument("--quick", action="store_true", help="2D case only (ops)")

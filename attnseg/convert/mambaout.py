@@ -24,9 +24,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-import torch
-
 from attnseg.backbones.mambaout import MambaOut
+from attnseg.convert._strict import load_strict
 from attnseg.errors import CheckpointError
 from attnseg.registry import BACKBONES, suggest
 
@@ -174,15 +173,4 @@ def from_official(constructor: dict[str, Any], state_dict: dict[str, Any]) -> Ma
         choices = ("MambaOut", *_FACTORIES)
         raise ValueError(f"unknown official MambaOut constructor '{name}'{suggest(name, choices)} "
                          f"(known: {', '.join(choices)})")
-    converted = convert_state_dict(state_dict)
-    model_sd = model.state_dict()
-    missing = [k for k in model_sd if k not in converted]
-    wrong = [f"{k}: {list(v.shape)} vs {list(model_sd[k].shape)}" for k, v in converted.items()
-             if k in model_sd and isinstance(v, torch.Tensor) and v.shape != model_sd[k].shape]
-    extra = [k for k in converted if k not in model_sd]
-    if missing or wrong or extra:
-        parts = [f"{label} ({len(items)}): {', '.join(items[:10])}" for label, items in
-                 (("missing", missing), ("unexpected", extra), ("shape (checkpoint vs model)", wrong)) if items]
-        raise CheckpointError(f"official MambaOut weights do not fit {name}({kwargs}): " + "; ".join(parts))
-    model.load_state_dict(converted, strict=True)
-    return model.eval()
+    return load_strict(model, convert_state_dict(state_dict), f"official MambaOut weights do not fit {name}({kwargs})")

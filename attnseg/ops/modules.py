@@ -1,7 +1,9 @@
 """Neighborhood-attention modules with the NAT/DiNAT checkpoint layout (``qkv``, ``rpb``, ``proj``).
 
 They compute what NATTEN 0.14-0.17's ``NeighborhoodAttention{1,2,3}D`` compute: qkv projection, query
-scaling, unfused logits with relative position bias, softmax, dropout, aggregation, output projection.
+scaling, logits with relative position bias, softmax, dropout, aggregation, output projection. Without
+attention dropout (every NAT/DiNAT config) they run the fused op, which never materialises the weights;
+with it, in training, the unfused ``qk``/``av`` pair.
 Maps smaller than ``kernel_size * dilation`` on an axis are zero-padded at the far end to that size
 before the projection and cropped afterwards, as NATTEN 0.14 did (the official NAT detection and
 segmentation numbers relied on it); later NATTEN versions raise instead.
@@ -15,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attnseg.ops.functional import _na_av, _na_qk
+from attnseg.ops.functional import _na_av, _na_fused, _na_qk
 
 __all__ = ["NeighborhoodAttention1D", "NeighborhoodAttention2D", "NeighborhoodAttention3D"]
 
@@ -71,12 +73,18 @@ class NeighborhoodAttentionND(nn.Module):
             x = F.pad(x, [0, 0, *[p for extra in reversed(pad) for p in (0, extra)]])
         batch, *padded, channels = x.shape
         qkv = self.qkv(x).reshape(batch, *padded, 3, self.num_heads, self.head_dim)
-        qkv = qkv.permute(n + 1, 0, n + 2, *range(1, n + 1), n + 3)  # [3, B, heads, *S, head_dim]
-        q, k, v = qkv[0] * self.scale, qkv[1], qkv[2]
-        attn = _na_qk(n, q, k, self.kernel_size, self.dilation, self.rpb, False, None, "natten")
-        attn = self.attn_drop(attn.softmax(dim=-1))
-        out = _na_av(n, attn, v, self.kernel_size, self.dilation, False, None, "natten")  # [B, heads, *S, hd]
-        out = out.permute(0, *range(2, n + 2), 1, n + 2).reshape(batch, *padded, channels)
+        if self.training and self.attn_drop.p > 0:  # dropout needs the explicit weights
+            qkv = qkv.permute(n + 1, 0, n + 2, *range(1, n + 1), n + 3)  # [3, B, heads, *S, head_dim]
+            q, k, v = qkv[0] * self.scale, qkv[1], qkv[2]
+            attn = _na_qk(n, q, k, self.kernel_size, self.dilation, self.rpb, False, None, "natten")
+            attn = self.attn_drop(attn.softmax(dim=-1))
+            out = _na_av(n, attn, v, self.kernel_size, self.dilation, False, None, "natten")  # [B, heads, *S, hd]
+            out = out.permute(0, *range(2, n + 2), 1, n + 2)
+        else:
+            q, k, v = qkv.unbind(dim=n + 1)  # [B, *S, heads, head_dim]
+            out = _na_fused(n, q, k, v, self.kernel_size, self.dilation, 1, False, self.rpb, self.scale, None, None,
+                            False, None, "natten")
+        out = out.reshape(batch, *padded, channels)
         if any(pad):
             out = out[(slice(None), *(slice(0, s) for s in spatial))]
         return self.proj_drop(self.proj(out))
