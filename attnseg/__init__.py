@@ -51,3 +51,13 @@ def load_pretrained(model: Any, path: Any, **kwargs: Any) -> Any:
     from attnseg.checkpoint import load_pretrained as _load
 
     return _load(model, path, **kwargs)
+
+
+def _register_with_timm() -> None:
+    # timm.create_model("attnseg_<backbone>") works once attnseg is imported (attnseg.integrations.timm)
+    from attnseg.integrations.timm import register_timm_models
+
+    register_timm_models()
+
+
+_register_with_timm()

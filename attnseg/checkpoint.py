@@ -168,7 +168,7 @@ def _declared(model: nn.Module, attr: str) -> tuple[str, ...]:
     """``attr`` prefixes declared by ``model`` and its submodules, qualified with the submodule's name."""
     out: list[str] = []
     for name, module in model.named_modules():
-        for prefix in getattr(type(module), attr, ()) or ():
+        for prefix in getattr(module, attr, ()) or ():  # instance level: a property may depend on arguments
             out.append(f"{name}.{prefix}" if name else prefix)
     return tuple(out)
 

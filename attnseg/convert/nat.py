@@ -1,0 +1,110 @@
+"""NAT / DiNAT / DiNAT_s: official checkpoints -> attnseg (SHI-Labs/Neighborhood-Attention-Transformer @ d334f5b).
+
+attnseg keeps the official key names, so classification checkpoints load unchanged and mm-style dense
+checkpoints (``backbone.*`` with ``backbone.norm{i}``, plus the decode/neck heads) load once
+:func:`attnseg.load_pretrained` has taken the ``backbone.`` part. This module checks that every key belongs to
+the layout, builds models from official constructor records, and resizes relative position biases when a
+checkpoint's kernel differs from the model's (the official 11x11 checkpoints were made that way: bicubic
+interpolation of the ``[heads, 2k-1, 2k-1]`` tables, as Swin does for window sizes).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from attnseg.backbones.nat import NAT, DiNATs
+from attnseg.convert._strict import load_strict
+from attnseg.errors import CheckpointError
+from attnseg.registry import BACKBONES, suggest
+
+__all__ = ["convert_state_dict", "from_official", "is_official", "resize_rpb"]
+
+_P = r"(weight|bias)"
+_BLOCK = rf"(attn\.rpb|attn\.(qkv|proj)\.{_P}|norm[12]\.{_P}|mlp\.fc[12]\.{_P}|gamma[12])"
+_KEYS = [
+    rf"patch_embed\.proj\.[01]\.{_P}", rf"patch_embed\.proj\.{_P}", rf"patch_embed\.norm\.{_P}",
+    rf"(levels|layers)\.\d+\.blocks\.\d+\.{_BLOCK}",
+    rf"(levels|layers)\.\d+\.downsample\.(reduction|norm)\.{_P}",
+    rf"norm\d?\.{_P}", rf"head\.{_P}",
+]
+
+
+def is_official(state_dict: dict[str, Any]) -> bool:
+    """Always False: the official layout is attnseg's, nothing needs renaming."""
+    return False
+
+
+def convert_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """Check that every key is a NAT/DiNAT/DiNAT_s key and return the state_dict unchanged.
+
+    Raises:
+        CheckpointError: listing the keys with no place (e.g. an HF ``transformers`` checkpoint, whose
+            ``attention.self.{query,key,value}`` layout this module does not convert).
+    """
+    unplaced = [k for k in state_dict if not any(re.fullmatch(p, k) for p in _KEYS)]
+    if unplaced:
+        hint = " (this looks like a HF transformers checkpoint)" if any("attention.self" in k for k in unplaced) else ""
+        shown = ", ".join(unplaced[:10]) + (f", ... ({len(unplaced) - 10} more)" if len(unplaced) > 10 else "")
+        raise CheckpointError(f"{len(unplaced)} key(s) are not NAT/DiNAT keys{hint}: {shown}")
+    return dict(state_dict)
+
+
+def resize_rpb(rpb: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """Bicubically resize a ``[heads, 2k-1, 2k-1]`` relative position bias to another kernel size.
+
+    Example::
+
+        >>> resize_rpb(torch.zeros(2, 13, 13), 11).shape
+        torch.Size([2, 21, 21])
+    """
+    size = 2 * kernel_size - 1
+    if tuple(rpb.shape[1:]) == (size, size):
+        return rpb
+    return F.interpolate(rpb[None].float(), size=(size, size), mode="bicubic", align_corners=False)[0].to(rpb.dtype)
+
+
+# Official constructor arguments that map one-to-one onto attnseg's; norm_layer is an object the record cannot hold.
+_KWARGS = ("embed_dim", "mlp_ratio", "depths", "num_heads", "drop_path_rate", "in_chans", "kernel_size",
+           "num_classes", "qkv_bias", "qk_scale", "drop_rate", "attn_drop_rate", "layer_scale", "dilations")
+_CLASSES = {"NAT": NAT, "DiNAT": NAT, "DiNAT_s": DiNATs}
+
+
+def from_official(constructor: dict[str, Any], state_dict: dict[str, Any]) -> NAT | DiNATs:
+    """Build attnseg's model for an official constructor record and load ``state_dict`` strictly.
+
+    Args:
+        constructor: ``{"name": "NAT" | "DiNAT" | "DiNAT_s" | a factory such as "dinat_tiny", "kwargs": {...}}``;
+            the name may carry a path (``"classification/nat.py:NAT"``). ``pretrained`` is ignored; DiNAT_s takes
+            only ``patch_size=4`` and ``patch_norm=True`` (its defaults).
+        state_dict: official weights.
+
+    Returns:
+        The model in eval mode without pyramid norms; ``forward`` returns the official logits.
+    """
+    name = re.split(r"[:/]", str(constructor.get("name", "NAT")))[-1].removesuffix(".py")
+    kwargs = dict(constructor.get("kwargs") or {})
+    kwargs.pop("pretrained", None)
+    if kwargs.pop("patch_size", 4) != 4 or kwargs.pop("patch_norm", True) is not True:
+        raise ValueError("only DiNAT_s with patch_size=4 and patch_norm=True (the published layout) is supported")
+    unknown = sorted(set(kwargs) - set(_KWARGS))
+    if unknown:
+        raise ValueError(f"official NAT arguments {unknown} are not supported (supported: {', '.join(_KWARGS)})")
+    kwargs["pyramid_norm"] = False
+    if kwargs.get("num_classes", 1000) == 0:
+        raise ValueError("official NAT with num_classes=0 keeps its final norm; build the attnseg model with "
+                         "num_classes=0 and load with attnseg.load_pretrained instead")
+    if "depths" in kwargs:
+        kwargs["out_indices"] = tuple(range(len(kwargs["depths"])))
+    if name in _CLASSES:
+        model = _CLASSES[name](**kwargs)
+    elif name in BACKBONES and BACKBONES.owner_class(name) in (NAT, DiNATs):
+        model = BACKBONES.get(name)(**kwargs)
+    else:
+        choices = [*_CLASSES, *(n for n in BACKBONES if BACKBONES.owner_class(n) in (NAT, DiNATs))]
+        raise ValueError(f"unknown official NAT constructor '{name}'{suggest(name, choices)} (known: {', '.join(choices)})")
+    converted = convert_state_dict(state_dict)
+    return load_strict(model, converted, f"official weights do not fit {name}({kwargs})")

@@ -1,0 +1,166 @@
+import pytest
+import torch
+
+from attnseg import load_pretrained
+from attnseg.backbones.nat import NAT, DiNATs, resolve_dilations
+from attnseg.convert import from_official
+from attnseg.convert.nat import convert_state_dict, resize_rpb
+from attnseg.errors import CheckpointError, InputSizeError
+from attnseg.registry import BACKBONES
+from tests.conftest import load_fixture
+
+FIXTURES = ["nat_tiny_cfg.pt", "dinat_tiny_cfg.pt", "dinat_s_tiny_cfg.pt"]
+
+
+@pytest.mark.parametrize("fixture", FIXTURES)
+def test_parity_with_official_fixture(fixture):
+    fx = load_fixture(fixture)
+    model = from_official("nat", fx["constructor"], fx["state_dict"])
+    assert not model.training and not model.pyramid_norm
+    tol = fx["tolerance"]
+    with torch.no_grad():
+        out = model(fx["input"])
+        feats = model.forward_intermediates(fx["input"])
+        pyramid = model.forward_pyramid(fx["input"])
+    assert out.shape == fx["output"].shape
+    assert torch.allclose(out, fx["output"], **tol)
+    for ours, nchw, ref in zip(feats, pyramid, fx["features"], strict=True):
+        assert torch.allclose(ours, ref, **tol)  # NHWC level outputs before the downsampler
+        assert torch.allclose(nchw, ref.permute(0, 3, 1, 2), **tol)
+
+
+def test_dinat_family_name_and_factory_records_work_too():
+    fx = load_fixture("dinat_tiny_cfg.pt")
+    constructor = {"name": "dinat_tiny", "kwargs": {**fx["constructor"]["kwargs"], "pretrained": False}}
+    model = from_official("dinat", constructor, fx["state_dict"])
+    with torch.no_grad():
+        assert torch.allclose(model(fx["input"]), fx["output"], **fx["tolerance"])
+
+
+def test_rpb_matters_and_is_oriented():
+    # swapping the two rpb axes must change the output (the fixture records by how much)
+    fx = load_fixture("nat_tiny_cfg.pt")
+    sd = {k: (v.transpose(1, 2) if k.endswith("attn.rpb") else v) for k, v in fx["state_dict"].items()}
+    model = from_official("nat", fx["constructor"], sd)
+    with torch.no_grad():
+        delta = (model(fx["input"]) - fx["output"]).abs().max()
+    assert delta > 10 * fx["tolerance"]["atol"]
+
+
+@pytest.mark.parametrize("size", [(97, 131), (300, 500), (32, 45)])
+def test_any_input_size_gives_ceil_stride_pyramids(size):
+    model = BACKBONES.get("test_nat")(num_classes=0).eval()
+    with torch.no_grad():
+        maps = model.forward_pyramid(torch.randn(1, 3, *size))
+    expected = []
+    h, w = size
+    for i, info in enumerate(model.feature_info):
+        h, w = -(-h // (4 if i == 0 else 2)), -(-w // (4 if i == 0 else 2))
+        expected.append((info["num_chs"], h, w))
+    assert [tuple(m.shape[1:]) for m in maps] == expected
+    assert all(torch.isfinite(m).all() for m in maps)
+
+
+def test_small_maps_are_padded_like_natten_0_14():
+    # level 1 is 8x8 at 32x32 input, below kernel 7 * dilation 2 = 14: the module pads LN(x) with zeros to 14x14
+    # before the qkv projection and crops after, so the padded keys are the qkv bias
+    model = NAT(embed_dim=8, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1), dilations=[1, 2, 1, 1],
+                num_classes=0, drop_path_rate=0.0).eval()
+    attn = model.levels[1].blocks[0].attn
+    x = torch.randn(1, 8, 8, 16)
+    with torch.no_grad():
+        out = attn(x)
+        padded = torch.nn.functional.pad(x, (0, 0, 0, 6, 0, 6))
+        from attnseg import ops
+
+        q, k, v = attn.qkv(padded).reshape(1, 14, 14, 3, 1, 16).unbind(3)
+        want = attn.proj(ops.na2d(q, k, v, 7, 2, rpb=attn.rpb, backend="reference").reshape(1, 14, 14, 16))
+    assert torch.allclose(out, want[:, :8, :8], atol=1e-5)
+
+
+def test_gradients_reach_every_parameter():
+    model = BACKBONES.get("test_nat")(num_classes=3)
+    x = torch.randn(2, 3, 64, 64)
+    loss = model(x).sum() + sum(m.sum() for m in model.forward_pyramid(x))
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing
+
+
+def test_channels_last_input_gives_the_same_output():
+    model = BACKBONES.get("test_nat")(num_classes=5).eval()
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        assert torch.allclose(model(x), model(x.contiguous(memory_format=torch.channels_last)), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_torch_compile_gives_the_same_output():
+    model = BACKBONES.get("test_nat")(num_classes=5).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(torch.compile(model)(x), model(x), atol=1e-4)
+
+
+def test_dilation_schedules_and_overrides():
+    assert resolve_dilations("coco", [3, 4, 6, 2]) == [[1, 28, 1], [1, 7, 1, 14], [1, 3, 1, 5, 1, 7], [1, 3]]
+    assert resolve_dilations([1, 2, [1, 3], 4], [1, 2, 2, 1]) == [[1], [2, 2], [1, 3], [4]]
+    model = BACKBONES.get("dinat_tiny")(num_classes=0, dilations="ade20k_512", kernel_size=[7, 7, 7, 5])
+    assert model.dilations[0] == [1, 16, 1] and model.levels[3].blocks[0].attn.kernel_size == (5, 5)
+    assert model.levels[2].blocks[3].attn.dilation == (3, 3)
+    with pytest.raises(ValueError, match="unknown dilation schedule 'coc'.*did you mean 'coco'"):
+        resolve_dilations("coc", [1, 1, 1, 1])
+    with pytest.raises(ValueError, match="level 1: dilations need 2 values"):
+        resolve_dilations([[1], [1, 2, 3], [1], [1]], [1, 2, 1, 1])
+    with pytest.raises(ValueError, match="level 2: 64 channels are not divisible by num_heads=3"):
+        NAT(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 3, 8))
+
+
+def test_variants_match_the_official_parameter_counts():
+    counts = {"nat_mini": 19.98e6, "nat_tiny": 27.90e6, "nat_small": 50.74e6, "dinat_small": 50.72e6}
+    for name, want in counts.items():
+        with torch.device("meta"):
+            model = BACKBONES.get(name)(pyramid_norm=False)
+        got = sum(p.numel() for p in model.parameters())
+        assert abs(got - want) / want < 0.002, (name, got)
+    assert isinstance(BACKBONES.get("dinat_s_tiny")(num_classes=0), DiNATs)
+
+
+def test_input_checks_name_the_problem():
+    model = BACKBONES.get("test_nat")(num_classes=0)
+    with pytest.raises(InputSizeError, match="needs H and W >= 32, got 31x64"):
+        model.forward_pyramid(torch.randn(1, 3, 31, 64))
+    with pytest.raises(InputSizeError, match=r"expects input \[B, 3, H, W\]"):
+        model.forward_pyramid(torch.randn(1, 4, 64, 64))
+
+
+def test_mm_dense_checkpoint_loads_into_a_headless_backbone(tmp_path):
+    # mm-style: backbone.* with backbone.norm{i}, plus decoder keys that are set aside
+    src = BACKBONES.get("test_nat")(num_classes=0)
+    sd = {f"backbone.{k}": v.clone() + 0.5 for k, v in src.state_dict().items()}
+    sd["decode_head.conv_seg.weight"] = torch.zeros(4, 8, 1, 1)
+    torch.save({"state_dict": sd, "meta": {"mmseg_version": "0.20.2"}}, tmp_path / "upernet_dinat.pth")
+    model = BACKBONES.get("test_nat")(num_classes=0)
+    report = load_pretrained(model, tmp_path / "upernet_dinat.pth")
+    assert "decode_head.conv_seg.weight" in report.ignored and not report.missing
+    assert torch.equal(model.norm2.weight, sd["backbone.norm2.weight"])
+
+
+def test_classification_checkpoint_into_dense_backbone_initialises_only_the_pyramid_norms(tmp_path):
+    fx = load_fixture("dinat_tiny_cfg.pt")
+    torch.save(fx["state_dict"], tmp_path / "dinat.pth")
+    kwargs = {k: v for k, v in fx["constructor"]["kwargs"].items() if k != "num_classes"}
+    model = NAT(**kwargs, num_classes=0)
+    report = load_pretrained(model, tmp_path / "dinat.pth")
+    assert sorted(report.initialized) == sorted(k for k in model.state_dict() if k.startswith("norm"))
+    assert {k.split(".")[0] for k in report.dropped} == {"head", "norm"}
+
+
+def test_converter_rejects_foreign_keys_and_resizes_rpb():
+    with pytest.raises(CheckpointError, match="HF transformers"):
+        convert_state_dict({"encoder.levels.0.layers.0.attention.self.query.weight": torch.zeros(1)})
+    table = torch.randn(2, 13, 13)
+    assert resize_rpb(table, 7) is table
+    assert resize_rpb(table, 11).shape == (2, 21, 21)
+    with pytest.raises(ValueError, match="unknown official NAT constructor 'NAT_s'"):
+        from_official("nat", {"name": "NAT_s", "kwargs": {}}, {})
