@@ -164,3 +164,22 @@ def test_converter_rejects_foreign_keys_and_resizes_rpb():
     assert resize_rpb(table, 11).shape == (2, 21, 21)
     with pytest.raises(ValueError, match="unknown official NAT constructor 'NAT_s'"):
         from_official("nat", {"name": "NAT_s", "kwargs": {}}, {})
+
+
+def test_dinat_with_the_unetr_head_trains_end_to_end(tmp_path):
+    from attnseg.config import validate_config
+    from attnseg.engine.runner import train
+
+    cfg = validate_config({
+        "work_dir": str(tmp_path),
+        "model": {"backbone": {"name": "test_nat", "dilations": "classification_224"},
+                  "head": {"name": "unetr", "feature_size": 8}, "num_classes": 3},
+        "data": {"dataset": {"name": "synthetic2d", "num_classes": 3, "image_size": [40, 36], "num_train": 4,
+                             "num_val": 2, "num_test": 2}, "batch_size": 2, "augment": None},
+        "optimizer": {"lr": 0.003},
+        "trainer": {"max_epochs": 1, "progress_bar": "none", "loggers": ["csv"], "accelerator": "cpu", "devices": 1},
+    })
+    result = train(cfg)
+    assert result["global_step"] == 2 and 0.0 <= result["metrics"]["val/mDice"] <= 1.0
+    state = torch.load(result["last_checkpoint"], map_location="cpu", weights_only=True)["state_dict"]
+    assert any(k.endswith("attn.rpb") for k in state) and any(".norm3." in k for k in state)
