@@ -2,7 +2,7 @@
 
 Every registered backbone (except the ``test_*`` CI variants) becomes the timm model ``attnseg_<name>``; the
 prefix keeps timm's own names untouched, and a name timm already knows is never re-registered. The entry
-points accept timm's usual arguments: ``features_only=True`` returns a :class:`FeatureListNet`-like module whose
+points accept timm's usual arguments: ``features_only=True`` returns a :class:`~attnseg.models.pyramid.FeaturePyramid` (timm ``FeatureListNet``-like) whose
 ``forward`` gives the backbone's NCHW pyramid and whose ``feature_info`` is a timm ``FeatureInfo``;
 ``out_indices`` selects the levels. ``pretrained=True`` is refused: attnseg never downloads weights; build the
 model and call :func:`attnseg.load_pretrained` with a local file.
@@ -18,27 +18,13 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import torch
 from torch import nn
 
-__all__ = ["PREFIX", "FeaturePyramid", "register_timm_models"]
+from attnseg.models.pyramid import FeaturePyramid
+
+__all__ = ["PREFIX", "register_timm_models"]
 
 PREFIX = "attnseg_"
-
-
-class FeaturePyramid(nn.Module):
-    """A backbone used for its pyramid: ``forward(x) -> list[Tensor]`` (NCHW) with timm's ``feature_info``."""
-
-    def __init__(self, backbone: nn.Module) -> None:
-        super().__init__()
-        from timm.models._features import FeatureInfo
-
-        self.backbone = backbone
-        info = [dict(f) for f in backbone.feature_info]
-        self.feature_info = FeatureInfo(info, tuple(range(len(info))))
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return self.backbone.forward_pyramid(x)
 
 
 def _entrypoint(name: str) -> Callable[..., nn.Module]:
