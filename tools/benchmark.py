@@ -8,6 +8,9 @@ k3/k5/k7, forward and forward+backward: median milliseconds and peak memory (RSS
 process running one forward+backward). Methods whose memory would exceed the machine are skipped and
 say why.
 
+``python tools/benchmark.py models [--families halonet,biformer,nat] [--biformer-repo PATH] [--nat-repo PATH]``:
+CPU inference of every backbone variant against its reference implementation (tools/bench_models.py).
+
 ``python tools/benchmark.py ops-gpu``: the same shapes on a CUDA GPU (batch 1 and 32, fp16 and fp32): the
 ``triton`` backend against natten (when installed) and full attention through SDPA, plus each case's
 memory-bandwidth floor: the bytes an ideal fused kernel moves (q, k, v read once, the output written once,
@@ -331,11 +334,21 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None and any(os.environ.get(k) != v for k, v in STEADY_MALLOC.items()):
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **STEADY_MALLOC})
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("suite", choices=["ops", "ops-gpu"])
+    parser.add_argument("suite", choices=["ops", "ops-gpu", "models"])
     parser.add_argument("--quick", action="store_true", help="2D case only (ops)")
+    parser.add_argument("--families", default="halonet,biformer,nat", help="models: comma-separated families")
+    parser.add_argument("--biformer-repo", help="models: a local checkout of rayleizhu/BiFormer (the reference)")
+    parser.add_argument("--nat-repo", help="models: a local checkout of SHI-Labs/Neighborhood-Attention-Transformer")
     parser.add_argument("--out", default=str(REPO / "docs" / "benchmarks.md"))
     args = parser.parse_args(argv)
-    body = render(bench_ops(args.quick)) if args.suite == "ops" else render_gpu(bench_ops_gpu())
+    if args.suite == "ops":
+        body = render(bench_ops(args.quick))
+    elif args.suite == "ops-gpu":
+        body = render_gpu(bench_ops_gpu())
+    else:
+        from bench_models import bench_models, render_models
+
+        body = render_models(bench_models(args.families.split(","), args.biformer_repo, args.nat_repo))
     out = Path(args.out)
     document = out.read_text() if out.is_file() else HEADER
     out.write_text(replace_section(document, args.suite, body))

@@ -94,19 +94,17 @@ class BiLevelRoutingAttention(nn.Module):
         x = F.pad(x, (0, 0, 0, -w_in % s, 0, -h_in % s))
         h, w = x.shape[1] // s, x.shape[2] // s  # region size
         q, kv = self.qkv(x)  # [N, H, W, qk], [N, H, W, qk + C]
+        m = self.num_heads
 
-        def regions(t: torch.Tensor) -> torch.Tensor:  # [N, S*h, S*w, c] -> [N, S^2, h*w, c]
-            return t.view(n, s, h, s, w, -1).transpose(2, 3).reshape(n, s * s, h * w, t.shape[-1])
+        def regions(t: torch.Tensor) -> torch.Tensor:  # [N, S*h, S*w, m*c] -> [N, S^2, m, h*w, c], one copy
+            t = t.reshape(n, s, h, s, w, m, t.shape[-1] // m).permute(0, 1, 3, 5, 2, 4, 6)
+            return t.reshape(n, s * s, m, h * w, t.shape[-1])
 
-        q_r, kv_r = regions(q), regions(kv)
-        k_r, v_r = kv_r[..., :self.qk_dim], kv_r[..., self.qk_dim:]
-        index = self.route(q_r.mean(2), k_r.mean(2))
-
-        def heads(t: torch.Tensor) -> torch.Tensor:  # [N, S^2, h*w, m*c] -> [N, S^2, m, h*w, c]
-            return t.reshape(n, s * s, h * w, self.num_heads, -1).transpose(2, 3)
-
-        out = region_routed_attention(heads(q_r), heads(k_r), heads(v_r), index, self.scale)
-        out = out.transpose(2, 3).reshape(n, s, s, h, w, self.dim).transpose(2, 3).reshape(n, s * h, s * w, self.dim)
+        q_r, k_r, v_r = regions(q), regions(kv[..., :self.qk_dim]), regions(kv[..., self.qk_dim:])
+        # region descriptors: mean query / key over each region's pixels, [N, S^2, qk_dim] (heads-major channels)
+        index = self.route(q_r.mean(3).reshape(n, s * s, -1), k_r.mean(3).reshape(n, s * s, -1))
+        out = region_routed_attention(q_r, k_r, v_r, index, self.scale)  # [N, S^2, m, h*w, c]
+        out = out.view(n, s, s, m, h, w, -1).permute(0, 1, 4, 2, 5, 3, 6).reshape(n, s * h, s * w, self.dim)
         if self.lepe is not None:
             out = out + self.lepe(kv[..., self.qk_dim:].permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         out = self.wo(out)[:, :h_in, :w_in]
@@ -288,7 +286,7 @@ class BiFormer(nn.Module):
         self._check_input(x)
         outs = []
         for down, stage in zip(self.downsample_layers, self.stages):
-            x = down(x)
+            x = down(x).contiguous(memory_format=torch.channels_last)  # blocks work channels-last: NHWC views are free
             for block in stage:
                 x = checkpoint(block, x, use_reentrant=False) if self.grad_checkpointing and torch.is_grad_enabled() \
                     else block(x)

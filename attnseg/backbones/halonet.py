@@ -516,7 +516,7 @@ class HaloNet(nn.Module):
     def forward_intermediates(self, x: torch.Tensor) -> list[torch.Tensor]:
         """All five taps, NCHW: stride-2 stem feature, stages 1-3 (strides 4, 8, 16), final conv (stride 32)."""
         self._check_input(x)
-        x, tap = self.stem(x)
+        x, tap = self.stem(x.contiguous(memory_format=torch.channels_last))  # mkldnn convs are faster channels-last
         outs = [tap]
         for stage in self.stages:
             x = stage(x)

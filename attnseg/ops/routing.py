@@ -114,5 +114,16 @@ def region_routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i
     # one flat row per (batch, region); routed slots become row indices
     rows = (index + torch.arange(batch, device=index.device)[:, None, None] * regions).reshape(batch * regions, -1)
     flat = [t.reshape(batch * regions, *t.shape[2:]) for t in (q, k, v)]
-    out = _RoutedAttention.apply(*flat, rows, float(scale))
+    bp, heads, width, dim = flat[0].shape
+    chunks = _slot_chunks(bp, heads, width, dim, v.shape[-1], rows.shape[1], 4)
+    if len(chunks) == 1 and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
+        # inference with every routed slot in one chunk: plain attention on the gathered regions (the fused SDPA
+        # kernel pays off from about 32 queries per region on CPUs; below, one softmax is faster)
+        keys, values = _gather(flat[1], rows), _gather(flat[2], rows)
+        if width >= 32:
+            out = torch.nn.functional.scaled_dot_product_attention(flat[0], keys, values, scale=float(scale))
+        else:
+            out = torch.softmax((flat[0] * scale) @ keys.transpose(-1, -2), dim=-1) @ values
+    else:
+        out = _RoutedAttention.apply(*flat, rows, float(scale))
     return out.view(*v.shape)

@@ -1,0 +1,183 @@
+"""The ``models`` suite of ``tools/benchmark.py``: CPU inference of the backbones against their references.
+
+For each variant, side by side in one run: attnseg's model and the reference implementation (timm for
+HaloNet; the official code for BiFormer and NAT/DiNAT, from a local checkout given by ``--biformer-repo`` /
+``--nat-repo``; it is imported, never copied), both in eval mode with the same random weights where the
+layouts agree. Reported: images per second (median over repetitions, batch ``BATCH``) and the peak memory of a
+fresh process running one inference (RSS growth). The official BiFormer code needs ``einops`` (and imports
+``fairscale`` only for an unused wrapper, stubbed here); the official NAT code needs NATTEN 0.14.5-0.17.5.
+"""
+
+from __future__ import annotations
+
+import importlib
+import statistics
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+BATCH = 4
+VARIANTS = {
+    "halonet": ["halonet26t", "sehalonet33ts", "halonet50ts", "eca_halonext26ts", "haloregnetz_b", "halonet_h1"],
+    "biformer": ["biformer_tiny", "biformer_small", "biformer_base"],
+    "nat": ["nat_mini", "nat_tiny", "nat_small", "nat_base", "dinat_mini", "dinat_tiny", "dinat_small", "dinat_base",
+            "dinat_large", "dinat_s_tiny", "dinat_s_small", "dinat_s_base", "dinat_s_large"],
+}
+
+
+def input_size(name: str) -> int:
+    """224, except timm's block-8 HaloNets, which only run at multiples of 256."""
+    return 256 if name.startswith(("halo", "sehalo", "eca_halo")) and name != "haloregnetz_b" else 224
+
+
+def build(kind: str, name: str, repo: str | None = None) -> torch.nn.Module:
+    """``kind``: ``attnseg``, ``timm`` or ``official`` (BiFormer or NAT code at ``repo``)."""
+    if kind == "attnseg":
+        from attnseg.registry import BACKBONES
+
+        return BACKBONES.get(name)(num_classes=1000).eval()
+    if kind == "timm":
+        import timm
+
+        return timm.create_model(name, pretrained=False, img_size=input_size(name)).eval()
+    if repo is None:
+        raise ValueError(f"the official {name} needs the path of a local checkout")
+    sys.path.insert(0, repo)
+    if name.startswith("biformer"):
+        fairscale = types.ModuleType("fairscale")  # only checkpoint_wrapper is imported, and unused at inference
+        fairscale.nn = types.ModuleType("fairscale.nn")
+        fairscale.nn.checkpoint = types.ModuleType("fairscale.nn.checkpoint")
+        fairscale.nn.checkpoint.checkpoint_wrapper = lambda m, *a, **k: m
+        sys.modules.update({"fairscale": fairscale, "fairscale.nn": fairscale.nn,
+                            "fairscale.nn.checkpoint": fairscale.nn.checkpoint})
+        module = importlib.import_module("models.biformer")
+        return getattr(module, name)(pretrained=False).eval()
+    sys.path.insert(0, str(Path(repo) / "classification"))
+    module = importlib.import_module("dinats" if name.startswith("dinat_s") else
+                                     "dinat" if name.startswith("dinat") else "nat")
+    return getattr(module, name)(pretrained=False).eval()
+
+
+def reference_of(name: str, biformer_repo: str | None, nat_repo: str | None) -> tuple[str, str | None, str | None]:
+    """``(kind, repo, reason it cannot run)`` of the reference for ``name``."""
+    if name.startswith(("halo", "sehalo", "eca_halo")):
+        return "timm", None, None
+    if name.startswith("biformer"):
+        if biformer_repo is None:
+            return "official", None, "pass --biformer-repo PATH (a checkout of rayleizhu/BiFormer)"
+        try:
+            importlib.import_module("einops")
+        except ImportError:
+            return "official", biformer_repo, "the official BiFormer code needs einops"
+        return "official", biformer_repo, None
+    if nat_repo is None:
+        return "official", None, "pass --nat-repo PATH (a checkout of SHI-Labs/Neighborhood-Attention-Transformer)"
+    try:
+        natten = importlib.import_module("natten")
+    except ImportError:
+        return "official", nat_repo, "the official NAT code needs NATTEN 0.14.5-0.17.5 (not installed)"
+    if not hasattr(natten, "NeighborhoodAttention2D"):
+        return "official", nat_repo, f"natten {getattr(natten, '__version__', '?')} lacks the 0.17 API the official code uses"
+    return "official", nat_repo, None
+
+
+def images_per_second(model: torch.nn.Module, size: int, reps: int = 10, warmup: int = 3) -> float:
+    x = torch.randn(BATCH, 3, size, size)
+    times = []
+    with torch.inference_mode():
+        for i in range(reps + warmup):
+            t0 = time.perf_counter()
+            model(x)
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+    return BATCH / statistics.median(times)
+
+
+def peak_mib(kind: str, name: str, repo: str | None) -> float | None:
+    """RSS growth of a fresh process building the model and running one inference (weights included)."""
+    code = (
+        "import sys, torch\n"
+        f"sys.path.insert(0, {str(REPO / 'tools')!r})\n"
+        "from benchmark import rss_kib\n"
+        "from bench_models import build, input_size, BATCH\n"
+        f"x = torch.randn(BATCH, 3, input_size({name!r}), input_size({name!r}))\n"
+        "base = rss_kib(reset_peak=True)\n"
+        f"model = build({kind!r}, {name!r}, {repo!r})\n"
+        "with torch.inference_mode():\n"
+        "    model(x)\n"
+        "print((rss_kib(peak=True) - base) / 1024)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900, cwd=REPO)
+    return float(proc.stdout.split()[-1]) if proc.returncode == 0 else None
+
+
+def bench_models(families: list[str], biformer_repo: str | None, nat_repo: str | None) -> list[dict[str, Any]]:
+    import json
+
+    rows = []
+    for family in families:
+        for name in VARIANTS[family]:
+            size = input_size(name)
+            row: dict[str, Any] = {"family": family, "model": name, "size": size}
+            row["ours_ips"] = images_per_second(build("attnseg", name), size)
+            row["ours_mib"] = peak_mib("attnseg", name, None)
+            kind, repo, reason = reference_of(name, biformer_repo, nat_repo)
+            row["reference"] = "timm 1.0.31" if kind == "timm" else "official code"
+            if reason:
+                row["note"] = reason
+            else:
+                try:
+                    row["ref_ips"] = images_per_second(build(kind, name, repo), size)
+                    row["ref_mib"] = peak_mib(kind, name, repo)
+                except Exception as err:  # a reference that fails is reported, not fatal
+                    row["note"] = f"reference failed: {type(err).__name__}: {str(err).splitlines()[0][:90]}"
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
+def render_models(rows: list[dict[str, Any]]) -> str:
+    import platform
+
+    lines = [
+        "## Backbones (CPU inference, fp32)",
+        "",
+        "Generated by `python tools/benchmark.py models`; every row comes from the same run. "
+        f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}. "
+        f"Batch {BATCH}, eval mode, images/s = median over 10 runs; peak = RSS growth of a fresh process building "
+        "the model and running one batch. HaloNet runs at 256 (timm's block-8 models only accept multiples of 256).",
+        "",
+        "| model | input | attnseg img/s | reference | reference img/s | speed ratio | attnseg peak MiB | "
+        "reference peak MiB | note |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def fmt(x: Any, spec: str = ".1f") -> str:
+        return format(x, spec) if isinstance(x, float) else "–"
+
+    for r in rows:
+        ratio = f"{r['ours_ips'] / r['ref_ips']:.2f}x" if r.get("ref_ips") else "–"
+        lines.append(f"| {r['model']} | {r['size']} | {fmt(r['ours_ips'])} | {r['reference']} | {fmt(r.get('ref_ips'))} "
+                     f"| {ratio} | {fmt(r.get('ours_mib'), '.0f')} | {fmt(r.get('ref_mib'), '.0f')} | "
+                     f"{r.get('note', '')} |")
+    lines += ["", "Targets from issue 4, checked against the rows above:", ""]
+    for r in rows:
+        if not r.get("ref_ips"):
+            continue
+        ratio = r["ours_ips"] / r["ref_ips"]
+        want = 1.3 if r["family"] == "biformer" else 1.0
+        ok = ratio >= want
+        if r["family"] == "biformer" and r.get("ours_mib") and r.get("ref_mib"):
+            ok = ok and r["ours_mib"] < r["ref_mib"]
+            extra = f", peak {r['ours_mib']:.0f} vs {r['ref_mib']:.0f} MiB (lower required)"
+        else:
+            extra = ""
+        lines.append(f"- {r['model']}: {ratio:.2f}x (>= {want}x required){extra}: {'met' if ok else 'NOT met'}")
+    lines.append("")
+    return "\n".join(lines)
