@@ -38,7 +38,7 @@ from attnseg.errors import InputSizeError
 from attnseg.layers import DropPath, drop_path_rates
 from attnseg.registry import BACKBONES, suggest
 
-__all__ = ["HaloNet", "HaloAttn", "HaloStage", "HaloNetCfg", "MODEL_CFGS", "interleave"]
+__all__ = ["HaloNet", "HaloAttn", "HaloStage", "HaloNetCfg", "MODEL_CFGS", "PAPER_ROWS", "interleave", "paper_cfg"]
 
 
 def make_divisible(v: float, divisor: int = 8, round_limit: float = 0.9) -> int:
@@ -294,6 +294,29 @@ def _stage(types: tuple[str, ...] | str, depth: int, channels: int, stride: int,
     return StageCfg(types if isinstance(types, tuple) else (types,) * depth, channels, stride, **kw)
 
 
+def paper_cfg(b: int, h: int, rv: float, rb: float, l3: int, df: int = 0) -> HaloNetCfg:
+    """A row of the paper's HaloNet table (H0-H7): block ``b``, halo ``h``, value width ``rv`` and block width ``rb``
+    multipliers, stage-3 depth ``l3``, final 1x1 conv width ``df``; halo blocks everywhere, ResNet 7x7 stem.
+
+    As in timm's ``halonet_h1`` (the H1 row): stage widths ``(64, 128, 256, 512) * rb``, attention width
+    ``(64, 128, 256, 512) * rv``, depths ``(3, 3, l3, 3)``. The paper's networks were never released; these are
+    its hyper-parameters in timm's block design, untrained.
+    """
+    stages = tuple(_stage("self_attn", d, make_divisible(base * rb), 1 if i == 0 else 2, bottle_ratio=rv / rb)
+                   for i, (d, base) in enumerate(zip((3, 3, l3, 3), (64, 128, 256, 512))))
+    return HaloNetCfg(stages=stages, stem_type="7x7", halo=dict(block_size=b, halo_size=h), num_features=df)
+
+
+# The paper's table (image sizes 256, 256, 256, 320, 384, 448, 512, 600 for H0-H7).
+PAPER_ROWS = {
+    "halonet_h0": dict(b=8, h=3, rv=1.0, rb=0.5, l3=7), "halonet_h2": dict(b=8, h=3, rv=1.0, rb=1.25, l3=11),
+    "halonet_h3": dict(b=10, h=3, rv=1.0, rb=1.5, l3=12, df=1024),
+    "halonet_h4": dict(b=12, h=2, rv=1.0, rb=3.0, l3=12, df=1280),
+    "halonet_h5": dict(b=14, h=2, rv=2.5, rb=2.0, l3=23, df=1536),
+    "halonet_h6": dict(b=8, h=4, rv=3.0, rb=2.75, l3=24, df=1536),
+    "halonet_h7": dict(b=10, h=3, rv=4.0, rb=3.5, l3=26, df=2048),
+}
+
 MODEL_CFGS: dict[str, HaloNetCfg] = {
     "halonet_h1": HaloNetCfg(
         stages=(_stage("self_attn", 3, 64, 1, bottle_ratio=1.0), _stage("self_attn", 3, 128, 2, bottle_ratio=1.0),
@@ -324,6 +347,7 @@ MODEL_CFGS: dict[str, HaloNetCfg] = {
         stem_type="3x3", stem_pool=False, stem_chs=32, act="silu", attn="se", attn_kwargs=dict(rd_ratio=0.25),
         bottle_in=True, linear_out=True, downsample=False, num_features=1536,
         halo=dict(block_size=7, halo_size=2, qk_ratio=0.33)),
+    **{name: paper_cfg(**row) for name, row in PAPER_ROWS.items()},
 }
 
 
@@ -585,6 +609,19 @@ def eca_halonext26ts(**kwargs: Any) -> HaloNet:
 def haloregnetz_b(**kwargs: Any) -> HaloNet:
     """RegNetZ-B-like with SE and halo blocks (block 7): 11.7M parameters, 81.1% top-1 at 224 (mean/std 0.5)."""
     return _create("haloregnetz_b", kwargs)
+
+
+def _paper_factory(name: str) -> Any:
+    def factory(**kwargs: Any) -> HaloNet:
+        return _create(name, kwargs)
+
+    factory.__name__ = factory.__qualname__ = name
+    factory.__doc__ = f"HaloNet-{name[-2:].upper()}, the paper's table row {PAPER_ROWS[name]} (no weights exist)."
+    return factory
+
+
+for _name in PAPER_ROWS:  # the paper's H0, H2-H7 (H1 is timm's halonet_h1 above)
+    BACKBONES.register(_name, cls=HaloNet)(_paper_factory(_name))
 
 
 @BACKBONES.register(cls=HaloNet)

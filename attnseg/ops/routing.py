@@ -115,9 +115,9 @@ def region_routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i
     rows = (index + torch.arange(batch, device=index.device)[:, None, None] * regions).reshape(batch * regions, -1)
     flat = [t.reshape(batch * regions, *t.shape[2:]) for t in (q, k, v)]
     bp, heads, width, dim = flat[0].shape
-    chunks = _slot_chunks(bp, heads, width, dim, v.shape[-1], rows.shape[1], 4)
-    if len(chunks) == 1 and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
-        # inference with every routed slot in one chunk: plain attention on the gathered regions (the fused SDPA
+    gathered_bytes = bp * heads * width * (dim + v.shape[-1] + width) * 4 * rows.shape[1]
+    if gathered_bytes <= 4 * _CHUNK_BYTES and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
+        # inference with all routed regions fitting in a few chunks: plain attention on the gathered regions (the fused SDPA
         # kernel pays off from about 32 queries per region on CPUs; below, one softmax is faster)
         keys, values = _gather(flat[1], rows), _gather(flat[2], rows)
         if width >= 32:

@@ -113,3 +113,11 @@ def test_ablation_records_and_foreign_keys_are_refused():
         from_official("biformer", record, fx["state_dict"])
     with pytest.raises(CheckpointError, match="biformer_stl_nchw"):
         from_official("biformer", fx["constructor"], {**fx["state_dict"], "stages.0.0.attn.qkv_linear.weight": 0})
+
+
+@pytest.mark.slow
+def test_torch_compile_gives_the_same_output():
+    model = BACKBONES.get("test_biformer")(num_classes=5).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(torch.compile(model)(x), model(x), atol=1e-4)

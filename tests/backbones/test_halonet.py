@@ -30,8 +30,11 @@ def _perturbed_timm(name, size):
     return ref, sd
 
 
+TIMM_NAMES = ["halonet26t", "sehalonet33ts", "eca_halonext26ts", "haloregnetz_b", "halonet50ts", "halonet_h1"]
+
+
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in ("halonet50ts", "halonet_h1")
-                                  else n for n in MODEL_CFGS])
+                                  else n for n in TIMM_NAMES])
 def test_every_variant_equals_timm_with_timm_weights(name):
     size = 224 if name == "haloregnetz_b" else 256
     ref, sd = _perturbed_timm(name, size)
@@ -90,3 +93,28 @@ def test_interleave_and_errors():
     with pytest.raises(ValueError, match="stem_type='quad'"):
         from_official("halonet", {"name": "ByobNet", "kwargs": {"cfg": {"blocks": [], "stem_chs": 8,
                                                                           "stem_type": "quad"}}}, {})
+
+
+@pytest.mark.slow
+def test_torch_compile_gives_the_same_output():
+    model = BACKBONES.get("test_halonet")(num_classes=5).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(torch.compile(model)(x), model(x), atol=1e-4)
+
+
+def test_paper_rows_h0_to_h7():
+    from attnseg.backbones.halonet import PAPER_ROWS, paper_cfg
+
+    # timm's halonet_h1 is the paper's H1 row in the same block design
+    assert paper_cfg(b=8, h=3, rv=1.0, rb=1.0, l3=10) == MODEL_CFGS["halonet_h1"]
+    assert set(PAPER_ROWS) == {f"halonet_h{i}" for i in (0, 2, 3, 4, 5, 6, 7)}
+    h5 = MODEL_CFGS["halonet_h5"]
+    assert [len(s.types) for s in h5.stages] == [3, 3, 23, 3] and h5.num_features == 1536
+    assert [s.channels for s in h5.stages] == [128, 256, 512, 1024]  # widths x rb = 2.0
+    model = BACKBONES.get("halonet_h0")(num_classes=0).eval()
+    attn = model.stages[2][0].self_attn
+    assert (attn.block_size, attn.halo_size, attn.dim_head_v * attn.num_heads) == (8, 3, 256)  # value width x rv
+    with torch.no_grad():
+        maps = model.forward_pyramid(torch.randn(1, 3, 96, 80))
+    assert [m.shape[1] for m in maps] == [32, 64, 128, 256]
