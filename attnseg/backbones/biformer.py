@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from attnseg.errors import InputSizeError
+from attnseg.backbones._common import check_image_input
 from attnseg.layers import DropPath, LayerNorm2d, drop_path_rates
 from attnseg.ops.routing import region_routed_attention
 from attnseg.registry import BACKBONES
@@ -275,15 +275,10 @@ class BiFormer(nn.Module):
         self.head = nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype)
         self._init_weights(self.head)
 
-    def _check_input(self, x: torch.Tensor) -> None:
-        if x.ndim != 4 or x.shape[1] != self.in_chans:
-            raise InputSizeError(f"BiFormer expects input [B, {self.in_chans}, H, W], got {list(x.shape)}")
-        if min(x.shape[-2:]) < self.min_input_size:
-            raise InputSizeError(f"BiFormer needs H and W >= {self.min_input_size}, got {x.shape[-2]}x{x.shape[-1]}")
 
     def forward_intermediates(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Every stage output, NCHW ``[B, C_i, ceil(H / 2**(i+2)), ...]`` (no extra norm)."""
-        self._check_input(x)
+        check_image_input(self, x)
         outs = []
         for down, stage in zip(self.downsample_layers, self.stages):
             x = down(x).contiguous(memory_format=torch.channels_last)  # blocks work channels-last: NHWC views are free

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from attnseg.errors import InputSizeError
+from attnseg.backbones._common import check_image_input
 from attnseg.layers import DropPath, drop_path_rates
 from attnseg.registry import BACKBONES, suggest
 
@@ -531,15 +531,10 @@ class HaloNet(nn.Module):
             self.head.drop = nn.Dropout(0.0)
         self.head.fc = nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype)
 
-    def _check_input(self, x: torch.Tensor) -> None:
-        if x.ndim != 4 or x.shape[1] != self.in_chans:
-            raise InputSizeError(f"HaloNet expects input [B, {self.in_chans}, H, W], got {list(x.shape)}")
-        if min(x.shape[-2:]) < self.min_input_size:
-            raise InputSizeError(f"HaloNet needs H and W >= {self.min_input_size}, got {x.shape[-2]}x{x.shape[-1]}")
 
     def forward_intermediates(self, x: torch.Tensor) -> list[torch.Tensor]:
         """All five taps, NCHW: stride-2 stem feature, stages 1-3 (strides 4, 8, 16), final conv (stride 32)."""
-        self._check_input(x)
+        check_image_input(self, x)
         x, tap = self.stem(x.contiguous(memory_format=torch.channels_last))  # mkldnn convs are faster channels-last
         outs = [tap]
         for stage in self.stages:

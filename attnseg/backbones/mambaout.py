@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from attnseg.errors import InputSizeError
+from attnseg.backbones._common import check_image_input
 from attnseg.layers import DropPath, drop_path_rates
 from attnseg.registry import BACKBONES
 
@@ -314,20 +314,13 @@ class MambaOut(nn.Module):
             self._init_weights(self.head.fc)
 
     # -- forward ------------------------------------------------------------------------------------
-    def _check_input(self, x: torch.Tensor) -> None:
-        if x.ndim != 4 or x.shape[1] != self.in_chans:
-            raise InputSizeError(f"MambaOut expects input [B, {self.in_chans}, H, W], got {list(x.shape)}")
-        if min(x.shape[-2:]) < self.min_input_size:
-            raise InputSizeError(
-                f"MambaOut needs H and W >= {self.min_input_size}, got {x.shape[-2]}x{x.shape[-1]}"
-            )
 
     def forward_intermediates(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Every stage output, channels-last ``[B, H_i, W_i, C_i]`` (the official ``stages[i]`` outputs).
 
         ``x``: ``[B, in_chans, H, W]``; ``H_i = ceil(H / 2 ** (i + 2))``. No pyramid norm is applied.
         """
-        self._check_input(x)
+        check_image_input(self, x)
         x = self.stem(x)
         outs = []
         for stage in self.stages:
@@ -337,7 +330,7 @@ class MambaOut(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Last stage output, channels-last ``[B, ceil(H/32), ceil(W/32), dims[-1]]`` (before the head)."""
-        self._check_input(x)
+        check_image_input(self, x)
         return self.stages(self.stem(x))
 
     def forward_pyramid(self, x: torch.Tensor) -> list[torch.Tensor]:

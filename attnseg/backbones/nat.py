@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from attnseg.errors import InputSizeError
+from attnseg.backbones._common import check_image_input
 from attnseg.layers import DropPath, Mlp, drop_path_rates
 from attnseg.ops import NeighborhoodAttention2D
 from attnseg.registry import BACKBONES, suggest
@@ -301,16 +301,10 @@ class _NATBase(nn.Module):
         self._init_weights(self.head)
 
     # -- forward ------------------------------------------------------------------------------------
-    def _check_input(self, x: torch.Tensor) -> None:
-        name = type(self).__name__
-        if x.ndim != 4 or x.shape[1] != self.in_chans:
-            raise InputSizeError(f"{name} expects input [B, {self.in_chans}, H, W], got {list(x.shape)}")
-        if min(x.shape[-2:]) < self.min_input_size:
-            raise InputSizeError(f"{name} needs H and W >= {self.min_input_size}, got {x.shape[-2]}x{x.shape[-1]}")
 
     def forward_intermediates(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Every level's output before its downsampler, channels-last ``[B, H_i, W_i, C_i]`` (no pyramid norm)."""
-        self._check_input(x)
+        check_image_input(self, x)
         x = self.pos_drop(self.patch_embed(x))
         outs = []
         for level in getattr(self, self._levels_attr):

@@ -79,8 +79,10 @@ def _bounds_on(geometry: tuple, device: torch.device) -> torch.Tensor:
 if triton is not None:
 
     @triton.jit
-    def _tile_coords(tile, TX: tl.constexpr, TY: tl.constexpr, TZ: tl.constexpr, nty, ntz):
+    def _tile_coords(tile, TX: tl.constexpr, TY: tl.constexpr, TZ: tl.constexpr, LY, LZ, DY, DZ):
         """Group coordinates of the elements of tile number ``tile`` (row-major over tiles and elements)."""
+        nty = tl.cdiv((LY + DY - 1) // DY, TY)
+        ntz = tl.cdiv((LZ + DZ - 1) // DZ, TZ)
         e = tl.arange(0, TX * TY * TZ)
         tx = tile // (nty * ntz)
         ty = (tile // ntz) % nty
@@ -116,6 +118,18 @@ if triton is not None:
                 tl.load(TAB + (5 + first) * TAB_L + y0 * DY + gy), tl.load(TAB + (5 + last) * TAB_L + y1 * DY + gy),
                 tl.load(TAB + (10 + first) * TAB_L + z0 * DZ + gz),
                 tl.load(TAB + (10 + last) * TAB_L + z1 * DZ + gz))
+
+    @triton.jit
+    def _query_tile(TAB, TAB_L, ix, iy, iz, ix0, iy0, iz0, lgx, lgy, lgz, DX, DY, DZ, gx, gy, gz,
+                    TX: tl.constexpr, TY: tl.constexpr, TZ: tl.constexpr):
+        """A query tile's validity, real coordinates, per-query windows and the box of keys they see."""
+        q_ok = (ix < lgx) & (iy < lgy) & (iz < lgz)
+        xq, yq, zq = ix * DX + gx, iy * DY + gy, iz * DZ + gz
+        lox, hix, loy, hiy, loz, hiz = _windows(TAB, TAB_L, xq, yq, zq, q_ok)
+        kx0, kx1, ky0, ky1, kz0, kz1 = _box(TAB, TAB_L, 0, 1, ix0, iy0, iz0, tl.minimum(ix0 + TX, lgx) - 1,
+                                            tl.minimum(iy0 + TY, lgy) - 1, tl.minimum(iz0 + TZ, lgz) - 1,
+                                            DX, DY, DZ, gx, gy, gz)
+        return q_ok, xq, yq, zq, lox, hix, loy, hiy, loz, hiz, kx0, kx1, ky0, ky1, kz0, kz1
 
     @triton.jit
     def _box_tile(n, x0, y0, z0, x1, y1, z1, BY: tl.constexpr, BZ: tl.constexpr):
@@ -197,16 +211,10 @@ if triton is not None:
         # LSE is [B, X, Y, Z, H]
         b, h, gx, gy, gz, lgx, lgy, lgz = _split_program(tl.program_id(1), H, DX, DY, DZ, LX, LY, LZ)
         hk = h // REP
-        nty = tl.cdiv((LY + DY - 1) // DY, TY)
-        ntz = tl.cdiv((LZ + DZ - 1) // DZ, TZ)
-        ix, iy, iz, ix0, iy0, iz0 = _tile_coords(tl.program_id(0), TX, TY, TZ, nty, ntz)
+        ix, iy, iz, ix0, iy0, iz0 = _tile_coords(tl.program_id(0), TX, TY, TZ, LY, LZ, DY, DZ)
         if (ix0 < lgx) & (iy0 < lgy) & (iz0 < lgz):
-            q_ok = (ix < lgx) & (iy < lgy) & (iz < lgz)
-            xq, yq, zq = ix * DX + gx, iy * DY + gy, iz * DZ + gz
-            lox, hix, loy, hiy, loz, hiz = _windows(TAB, TAB_L, xq, yq, zq, q_ok)
-            kx0, kx1, ky0, ky1, kz0, kz1 = _box(TAB, TAB_L, 0, 1, ix0, iy0, iz0, tl.minimum(ix0 + TX, lgx) - 1,
-                                                tl.minimum(iy0 + TY, lgy) - 1, tl.minimum(iz0 + TZ, lgz) - 1,
-                                                DX, DY, DZ, gx, gy, gz)
+            q_ok, xq, yq, zq, lox, hix, loy, hiy, loz, hiz, kx0, kx1, ky0, ky1, kz0, kz1 = _query_tile(
+                TAB, TAB_L, ix, iy, iz, ix0, iy0, iz0, lgx, lgy, lgz, DX, DY, DZ, gx, gy, gz, TX, TY, TZ)
             d = tl.arange(0, BD)
             dv = tl.arange(0, BDV)
             q = _load_rows(Q, b, s_qb, ix, s_qx, iy, s_qy, iz, s_qz, h, s_qh, DX, DY, DZ, gx, gy, gz, q_ok, d, D)
@@ -257,16 +265,10 @@ if triton is not None:
         # STORE_DS writes each logit gradient to DS [B, H, N, prod(kernel)] at its window slot (for the rpb grad).
         b, h, gx, gy, gz, lgx, lgy, lgz = _split_program(tl.program_id(1), H, DX, DY, DZ, LX, LY, LZ)
         hk = h // REP
-        nty = tl.cdiv((LY + DY - 1) // DY, TY)
-        ntz = tl.cdiv((LZ + DZ - 1) // DZ, TZ)
-        ix, iy, iz, ix0, iy0, iz0 = _tile_coords(tl.program_id(0), TX, TY, TZ, nty, ntz)
+        ix, iy, iz, ix0, iy0, iz0 = _tile_coords(tl.program_id(0), TX, TY, TZ, LY, LZ, DY, DZ)
         if (ix0 < lgx) & (iy0 < lgy) & (iz0 < lgz):
-            q_ok = (ix < lgx) & (iy < lgy) & (iz < lgz)
-            xq, yq, zq = ix * DX + gx, iy * DY + gy, iz * DZ + gz
-            lox, hix, loy, hiy, loz, hiz = _windows(TAB, TAB_L, xq, yq, zq, q_ok)
-            kx0, kx1, ky0, ky1, kz0, kz1 = _box(TAB, TAB_L, 0, 1, ix0, iy0, iz0, tl.minimum(ix0 + TX, lgx) - 1,
-                                                tl.minimum(iy0 + TY, lgy) - 1, tl.minimum(iz0 + TZ, lgz) - 1,
-                                                DX, DY, DZ, gx, gy, gz)
+            q_ok, xq, yq, zq, lox, hix, loy, hiy, loz, hiz, kx0, kx1, ky0, ky1, kz0, kz1 = _query_tile(
+                TAB, TAB_L, ix, iy, iz, ix0, iy0, iz0, lgx, lgy, lgz, DX, DY, DZ, gx, gy, gz, TX, TY, TZ)
             d = tl.arange(0, BD)
             dv = tl.arange(0, BDV)
             q = _load_rows(Q, b, s_qb, ix, s_qx, iy, s_qy, iz, s_qz, h, s_qh, DX, DY, DZ, gx, gy, gz, q_ok, d, D)
@@ -318,9 +320,7 @@ if triton is not None:
         # program = (key tile BX x BY x BZ, batch * kv head * dilation group), walking query tiles TX x TY x TZ
         # of every query head of the kv head in a fixed order (deterministic, no atomics). DK/DV_OUT like K/V.
         b, hk, gx, gy, gz, lgx, lgy, lgz = _split_program(tl.program_id(1), HK, DX, DY, DZ, LX, LY, LZ)
-        nty = tl.cdiv((LY + DY - 1) // DY, BY)
-        ntz = tl.cdiv((LZ + DZ - 1) // DZ, BZ)
-        jx, jy, jz, jx0, jy0, jz0 = _tile_coords(tl.program_id(0), BX, BY, BZ, nty, ntz)
+        jx, jy, jz, jx0, jy0, jz0 = _tile_coords(tl.program_id(0), BX, BY, BZ, LY, LZ, DY, DZ)
         if (jx0 < lgx) & (jy0 < lgy) & (jz0 < lgz):
             k_ok = (jx < lgx) & (jy < lgy) & (jz < lgz)
             qx0, qx1, qy0, qy1, qz0, qz1 = _box(TAB, TAB_L, 3, 4, jx0, jy0, jz0, tl.minimum(jx0 + BX, lgx) - 1,
