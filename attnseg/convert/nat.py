@@ -2,8 +2,10 @@
 
 attnseg keeps the official key names, so classification checkpoints load unchanged and mm-style dense
 checkpoints (``backbone.*`` with ``backbone.norm{i}``, plus the decode/neck heads) load once
-:func:`attnseg.load_pretrained` has taken the ``backbone.`` part. This module checks that every key belongs to
-the layout, builds models from official constructor records, and resizes relative position biases when a
+:func:`attnseg.load_pretrained` has taken the ``backbone.`` part. HF ``transformers`` checkpoints
+(``shi-labs/nat-*``/``dinat-*``: separate query/key/value, ``layer_scale_parameters [2, C]``) are renamed to
+it. This module checks that every key belongs to the layout, builds models from official constructor records,
+and resizes relative position biases when a
 checkpoint's kernel differs from the model's (the official 11x11 checkpoints were made that way: bicubic
 interpolation of the ``[heads, 2k-1, 2k-1]`` tables, as Swin does for window sizes).
 """
@@ -33,23 +35,67 @@ _KEYS = [
 ]
 
 
+_HF = re.compile(r"^(nat|dinat)\.(embeddings|encoder|layernorm)\.")
+# HF transformers NatForImageClassification / DinatForImageClassification -> official, per block part
+_HF_BLOCK = {"layernorm_before": "norm1", "attention.self.rpb": "attn.rpb", "attention.output.dense": "attn.proj",
+             "layernorm_after": "norm2", "intermediate.dense": "mlp.fc1", "output.dense": "mlp.fc2"}
+
+
 def is_official(state_dict: dict[str, Any]) -> bool:
-    """Always False: the official layout is attnseg's, nothing needs renaming."""
-    return False
+    """True for HF ``transformers`` checkpoints (``nat.*``/``dinat.*``), the one layout that needs renaming."""
+    return any(_HF.match(k) for k in state_dict)
+
+
+def _from_hf(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """HF ``transformers`` NAT/DiNAT keys -> official keys (q/k/v concatenated into qkv, layer scales split)."""
+    out: dict[str, Any] = {}
+    qkv: dict[str, dict[str, Any]] = {}
+    for key, value in state_dict.items():
+        k = re.sub(r"^(nat|dinat)\.", "", key)
+        k = k.replace("embeddings.patch_embeddings.projection.", "patch_embed.proj.").replace("embeddings.norm.",
+                                                                                             "patch_embed.norm.")
+        k = re.sub(r"^layernorm\.", "norm.", k)
+        k = re.sub(r"^classifier\.", "head.", k)
+        m = re.fullmatch(r"encoder\.levels\.(\d+)\.(layers\.(\d+)\.(.+)|downsample\.(.+))", k)
+        if m and m.group(5) is not None:
+            k = f"levels.{m.group(1)}.downsample.{m.group(5)}"
+        elif m:
+            block, part = f"levels.{m.group(1)}.blocks.{m.group(3)}", m.group(4)
+            qkv_part = re.fullmatch(r"attention\.self\.(query|key|value)\.(weight|bias)", part)
+            if qkv_part:
+                qkv.setdefault(f"{block}.attn.qkv.{qkv_part.group(2)}", {})[qkv_part.group(1)] = value
+                continue
+            if part == "layer_scale_parameters":
+                out[f"{block}.gamma1"], out[f"{block}.gamma2"] = value[0].clone(), value[1].clone()
+                continue
+            for hf, ours in _HF_BLOCK.items():
+                if part.startswith(hf + "."):
+                    part = ours + part[len(hf):]
+                    break
+                if part == hf:
+                    part = ours
+                    break
+            k = f"{block}.{part}"
+        out[k] = value
+    for key, parts in qkv.items():
+        if set(parts) != {"query", "key", "value"}:
+            raise CheckpointError(f"HF checkpoint lacks {sorted({'query', 'key', 'value'} - set(parts))} for {key}")
+        out[key] = torch.cat([parts["query"], parts["key"], parts["value"]], dim=0)
+    return out
 
 
 def convert_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
-    """Check that every key is a NAT/DiNAT/DiNAT_s key and return the state_dict unchanged.
+    """Official keys are checked and returned unchanged; HF ``transformers`` checkpoints are renamed first.
 
     Raises:
-        CheckpointError: listing the keys with no place (e.g. an HF ``transformers`` checkpoint, whose
-            ``attention.self.{query,key,value}`` layout this module does not convert).
+        CheckpointError: listing the keys with no place in the NAT/DiNAT/DiNAT_s layout.
     """
+    if is_official(state_dict):
+        state_dict = _from_hf(state_dict)
     unplaced = [k for k in state_dict if not any(re.fullmatch(p, k) for p in _KEYS)]
     if unplaced:
-        hint = " (this looks like a HF transformers checkpoint)" if any("attention.self" in k for k in unplaced) else ""
         shown = ", ".join(unplaced[:10]) + (f", ... ({len(unplaced) - 10} more)" if len(unplaced) > 10 else "")
-        raise CheckpointError(f"{len(unplaced)} key(s) are not NAT/DiNAT keys{hint}: {shown}")
+        raise CheckpointError(f"{len(unplaced)} key(s) are not NAT/DiNAT keys: {shown}")
     return dict(state_dict)
 
 

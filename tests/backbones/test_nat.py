@@ -156,8 +156,55 @@ def test_classification_checkpoint_into_dense_backbone_initialises_only_the_pyra
     assert {k.split(".")[0] for k in report.dropped} == {"head", "norm"}
 
 
+def _to_hf(sd, prefix):
+    """Official NAT keys -> the HF transformers layout (the inverse of the converter, written independently)."""
+    parts = {"norm1": "layernorm_before", "attn.rpb": "attention.self.rpb", "attn.proj": "attention.output.dense",
+             "norm2": "layernorm_after", "mlp.fc1": "intermediate.dense", "mlp.fc2": "output.dense"}
+    out, scales = {}, {}
+    for k, v in sd.items():
+        if k.startswith("patch_embed.proj."):
+            out[f"{prefix}.embeddings.patch_embeddings.projection." + k[len("patch_embed.proj."):]] = v
+        elif k.startswith("patch_embed.norm."):
+            out[f"{prefix}.embeddings.norm." + k[len("patch_embed.norm."):]] = v
+        elif k.startswith("norm."):
+            out[f"{prefix}.layernorm." + k[5:]] = v
+        elif k.startswith("head."):
+            out["classifier." + k[5:]] = v
+        elif ".downsample." in k:
+            out[f"{prefix}.encoder." + k] = v
+        else:
+            _, lvl, _, blk, rest = k.split(".", 4)
+            base = f"{prefix}.encoder.levels.{lvl}.layers.{blk}"
+            if rest.startswith("attn.qkv."):
+                for name, chunk in zip(("query", "key", "value"), v.chunk(3, dim=0)):
+                    out[f"{base}.attention.self.{name}.{rest.split('.')[-1]}"] = chunk
+            elif rest in ("gamma1", "gamma2"):
+                scales.setdefault(base, {})[rest] = v
+            else:
+                name = next(hf + rest[len(ours):] for ours, hf in parts.items() if rest.startswith(ours))
+                out[f"{base}.{name}"] = v
+    for base, g in scales.items():
+        out[f"{base}.layer_scale_parameters"] = torch.stack([g["gamma1"], g["gamma2"]])
+    return out
+
+
+@pytest.mark.parametrize("fixture,prefix", [("nat_tiny_cfg.pt", "nat"), ("dinat_tiny_cfg.pt", "dinat")])
+def test_hf_transformers_checkpoints_convert(fixture, prefix, tmp_path):
+    fx = load_fixture(fixture)
+    hf = _to_hf(fx["state_dict"], prefix)
+    assert not set(hf) & set(fx["state_dict"])
+    model = from_official("nat", fx["constructor"], hf)
+    with torch.no_grad():
+        assert torch.allclose(model(fx["input"]), fx["output"], **fx["tolerance"])
+    torch.save(hf, tmp_path / "hf.bin")  # load_pretrained converts it on its own
+    kwargs = {k: v for k, v in fx["constructor"]["kwargs"].items()}
+    target = NAT(**kwargs, pyramid_norm=False)
+    report = load_pretrained(target, tmp_path / "hf.bin")
+    assert report.converted == "nat" and not report.missing
+
+
 def test_converter_rejects_foreign_keys_and_resizes_rpb():
-    with pytest.raises(CheckpointError, match="HF transformers"):
+    with pytest.raises(CheckpointError, match="not NAT/DiNAT keys"):
         convert_state_dict({"encoder.levels.0.layers.0.attention.self.query.weight": torch.zeros(1)})
     table = torch.randn(2, 13, 13)
     assert resize_rpb(table, 7) is table
