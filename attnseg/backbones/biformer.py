@@ -91,7 +91,8 @@ class BiLevelRoutingAttention(nn.Module):
     def forward(self, x: torch.Tensor, return_routing: bool = False) -> Any:
         n, h_in, w_in, _ = x.shape
         s = self.n_win
-        x = F.pad(x, (0, 0, 0, -w_in % s, 0, -h_in % s))
+        if h_in % s or w_in % s:  # to whole regions (cropped at the end)
+            x = F.pad(x, (0, 0, 0, -w_in % s, 0, -h_in % s))
         h, w = x.shape[1] // s, x.shape[2] // s  # region size
         q, kv = self.qkv(x)  # [N, H, W, qk], [N, H, W, qk + C]
         m = self.num_heads

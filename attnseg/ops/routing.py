@@ -117,13 +117,16 @@ def region_routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i
     bp, heads, width, dim = flat[0].shape
     gathered_bytes = bp * heads * width * (dim + v.shape[-1] + width) * 4 * rows.shape[1]
     if gathered_bytes <= 4 * _CHUNK_BYTES and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
-        # inference with all routed regions fitting in a few chunks: plain attention on the gathered regions (the fused SDPA
-        # kernel pays off from about 32 queries per region on CPUs; below, one softmax is faster)
-        keys, values = _gather(flat[1], rows), _gather(flat[2], rows)
-        if width >= 32:
-            out = torch.nn.functional.scaled_dot_product_attention(flat[0], keys, values, scale=float(scale))
+        # inference with all routed regions fitting in a few chunks: plain attention on the gathered regions. Heads
+        # go first so that gathering regions along dim 1 yields [heads, BP, c*W, C] with no transpose copy.
+        q_h, k_h, v_h = (t.transpose(0, 1) for t in flat)
+        keys, values = (t.contiguous().index_select(1, rows.reshape(-1)).view(heads, bp, -1, t.shape[-1])
+                        for t in (k_h, v_h))
+        if width >= 32:  # the fused SDPA kernel pays off from about 32 queries per region on CPUs
+            out = torch.nn.functional.scaled_dot_product_attention(q_h, keys, values, scale=float(scale))
         else:
-            out = torch.softmax((flat[0] * scale) @ keys.transpose(-1, -2), dim=-1) @ values
+            out = torch.softmax((q_h @ keys.transpose(-1, -2)).mul_(scale), dim=-1) @ values
+        out = out.transpose(0, 1)
     else:
         out = _RoutedAttention.apply(*flat, rows, float(scale))
     return out.view(*v.shape)
