@@ -31,17 +31,30 @@ VARIANTS = {
 }
 
 
+# Dense-prediction rows: (variant, input size, constructor overrides shared by both implementations). BiFormer at
+# 512 with n_win 8 is the official segmentation setting, where the official gather copies keys/values top-k fold.
+DENSE = {"biformer": [("biformer_small", 512, {"n_win": 8})]}
+
+
+# rayleizhu/BiFormer models/biformer.py: biformer_small's arguments (for rows that override one of them)
+_OFFICIAL_BIFORMER_ARGS = {"biformer_small": dict(
+    depth=[4, 4, 18, 4], embed_dim=[64, 128, 256, 512], mlp_ratios=[3, 3, 3, 3], n_win=7,
+    kv_downsample_mode="identity", kv_per_wins=[-1, -1, -1, -1], topks=[1, 4, 16, -2], side_dwconv=5,
+    before_attn_dwconv=3, layer_scale_init_value=-1, qk_dims=[64, 128, 256, 512], head_dim=32, param_routing=False,
+    diff_routing=False, soft_routing=False, pre_norm=True, pe=None)}
+
+
 def input_size(name: str) -> int:
     """224, except timm's block-8 HaloNets, which only run at multiples of 256."""
     return 256 if name.startswith(("halo", "sehalo", "eca_halo")) and name != "haloregnetz_b" else 224
 
 
-def build(kind: str, name: str, repo: str | None = None) -> torch.nn.Module:
-    """``kind``: ``attnseg``, ``timm`` or ``official`` (BiFormer or NAT code at ``repo``)."""
+def build(kind: str, name: str, repo: str | None = None, **overrides: Any) -> torch.nn.Module:
+    """``kind``: ``attnseg``, ``timm`` or ``official`` (BiFormer or NAT code at ``repo``); ``overrides`` go to both."""
     if kind == "attnseg":
         from attnseg.registry import BACKBONES
 
-        return BACKBONES.get(name)(num_classes=1000).eval()
+        return BACKBONES.get(name)(num_classes=1000, **overrides).eval()
     if kind == "timm":
         import timm
 
@@ -57,11 +70,13 @@ def build(kind: str, name: str, repo: str | None = None) -> torch.nn.Module:
         sys.modules.update({"fairscale": fairscale, "fairscale.nn": fairscale.nn,
                             "fairscale.nn.checkpoint": fairscale.nn.checkpoint})
         module = importlib.import_module("models.biformer")
+        if overrides:  # the official factories fix n_win; build the class with the factory's arguments instead
+            return module.BiFormer(**{**_OFFICIAL_BIFORMER_ARGS[name], **overrides}).eval()
         return getattr(module, name)(pretrained=False).eval()
     sys.path.insert(0, str(Path(repo) / "classification"))
     module = importlib.import_module("dinats" if name.startswith("dinat_s") else
                                      "dinat" if name.startswith("dinat") else "nat")
-    return getattr(module, name)(pretrained=False).eval()
+    return getattr(module, name)(pretrained=False, **overrides).eval()
 
 
 def reference_of(name: str, biformer_repo: str | None, nat_repo: str | None) -> tuple[str, str | None, str | None]:
@@ -88,6 +103,7 @@ def reference_of(name: str, biformer_repo: str | None, nat_repo: str | None) -> 
 
 
 def images_per_second(model: torch.nn.Module, size: int, reps: int = 10, warmup: int = 3) -> float:
+    """Batch ``BATCH`` inference throughput (median over ``reps`` runs after ``warmup``)."""
     x = torch.randn(BATCH, 3, size, size)
     times = []
     with torch.inference_mode():
@@ -99,16 +115,18 @@ def images_per_second(model: torch.nn.Module, size: int, reps: int = 10, warmup:
     return BATCH / statistics.median(times)
 
 
-def peak_mib(kind: str, name: str, repo: str | None) -> float | None:
+def peak_mib(kind: str, name: str, repo: str | None, size: int | None = None,
+             overrides: dict[str, Any] | None = None) -> float | None:
     """RSS growth of a fresh process building the model and running one inference (weights included)."""
+    size = size or input_size(name)
     code = (
         "import sys, torch\n"
         f"sys.path.insert(0, {str(REPO / 'tools')!r})\n"
         "from benchmark import rss_kib\n"
-        "from bench_models import build, input_size, BATCH\n"
-        f"x = torch.randn(BATCH, 3, input_size({name!r}), input_size({name!r}))\n"
+        "from bench_models import build, BATCH\n"
+        f"x = torch.randn(BATCH, 3, {size}, {size})\n"
         "base = rss_kib(reset_peak=True)\n"
-        f"model = build({kind!r}, {name!r}, {repo!r})\n"
+        f"model = build({kind!r}, {name!r}, {repo!r}, **{overrides or {}!r})\n"
         "with torch.inference_mode():\n"
         "    model(x)\n"
         "print((rss_kib(peak=True) - base) / 1024)\n"
@@ -122,19 +140,20 @@ def bench_models(families: list[str], biformer_repo: str | None, nat_repo: str |
 
     rows = []
     for family in families:
-        for name in VARIANTS[family]:
-            size = input_size(name)
-            row: dict[str, Any] = {"family": family, "model": name, "size": size}
-            row["ours_ips"] = images_per_second(build("attnseg", name), size)
-            row["ours_mib"] = peak_mib("attnseg", name, None)
+        cases = [(name, input_size(name), {}) for name in VARIANTS[family]] + DENSE.get(family, [])
+        for name, size, overrides in cases:
+            label = name + "".join(f" {k}={v}" for k, v in overrides.items())
+            row: dict[str, Any] = {"family": family, "model": label, "size": size}
+            row["ours_ips"] = images_per_second(build("attnseg", name, **overrides), size)
+            row["ours_mib"] = peak_mib("attnseg", name, None, size, overrides)
             kind, repo, reason = reference_of(name, biformer_repo, nat_repo)
             row["reference"] = "timm 1.0.31" if kind == "timm" else "official code"
             if reason:
                 row["note"] = reason
             else:
                 try:
-                    row["ref_ips"] = images_per_second(build(kind, name, repo), size)
-                    row["ref_mib"] = peak_mib(kind, name, repo)
+                    row["ref_ips"] = images_per_second(build(kind, name, repo, **overrides), size)
+                    row["ref_mib"] = peak_mib(kind, name, repo, size, overrides)
                 except Exception as err:  # a reference that fails is reported, not fatal
                     row["note"] = f"reference failed: {type(err).__name__}: {str(err).splitlines()[0][:90]}"
             rows.append(row)
@@ -151,7 +170,8 @@ def render_models(rows: list[dict[str, Any]]) -> str:
         "Generated by `python tools/benchmark.py models`; every row comes from the same run. "
         f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}. "
         f"Batch {BATCH}, eval mode, images/s = median over 10 runs; peak = RSS growth of a fresh process building "
-        "the model and running one batch. HaloNet runs at 256 (timm's block-8 models only accept multiples of 256).",
+        "the model and running one batch. HaloNet runs at 256 (timm's block-8 models only accept multiples of 256); "
+        "the 512 BiFormer row is the official segmentation setting (n_win 8).",
         "",
         "| model | input | attnseg img/s | reference | reference img/s | speed ratio | attnseg peak MiB | "
         "reference peak MiB | note |",

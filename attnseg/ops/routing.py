@@ -87,6 +87,45 @@ class _RoutedAttention(torch.autograd.Function):
         return (dq * scale).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
 
 
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _routed_inference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor,
+                      scale: float) -> torch.Tensor:
+    """No-grad path: gather routed regions chunk by chunk into fused attention, merging chunks by logsumexp.
+
+    ``q, k``: ``[BP, M, W, C]``, ``v``: ``[BP, M, W, Cv]``, ``rows``: ``[BP, topk]``. Heads go first so that
+    gathering regions along dim 1 yields ``[M, BP, c*W, C]`` with no transpose copy; the logits are never
+    materialised beyond one chunk (the fused CPU kernel works blockwise).
+    """
+    bp, heads, width, dim = q.shape
+    q_h, k_h, v_h = q.transpose(0, 1), k.transpose(0, 1).contiguous(), v.transpose(0, 1).contiguous()
+    per_slot = max(bp * heads * width * (dim + v.shape[-1]) * q.element_size(), 1)
+    step = max(1, min(rows.shape[1], _CHUNK_BYTES // per_slot))
+
+    def gather(t: torch.Tensor, t0: int, t1: int) -> torch.Tensor:  # [M, BP, c*W, C]
+        return t.index_select(1, rows[:, t0:t1].reshape(-1)).view(heads, bp, -1, t.shape[-1])
+
+    if step >= rows.shape[1]:  # one chunk: plain attention (the fused kernel pays off from ~32 queries per region)
+        keys, values = gather(k_h, 0, rows.shape[1]), gather(v_h, 0, rows.shape[1])
+        if width >= 32:
+            return torch.nn.functional.scaled_dot_product_attention(q_h, keys, values, scale=scale).transpose(0, 1)
+        return (torch.softmax((q_h @ keys.transpose(-1, -2)).mul_(scale), dim=-1) @ values).transpose(0, 1)
+    if _FLASH_CPU is None or q.device.type != "cpu":
+        return _RoutedAttention.apply(q, k, v, rows, scale)
+    out = lse = None
+    for t0 in range(0, rows.shape[1], step):
+        t1 = min(t0 + step, rows.shape[1])
+        out_c, lse_c = _FLASH_CPU(q_h, gather(k_h, t0, t1), gather(v_h, t0, t1), 0.0, False, scale=scale)
+        if out is None:
+            out, lse = out_c, lse_c
+            continue
+        merged = torch.logaddexp(lse, lse_c)
+        out = out * torch.exp(lse - merged)[..., None] + out_c * torch.exp(lse_c - merged)[..., None]
+        lse = merged
+    return out.transpose(0, 1)
+
+
 def region_routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor,
                             scale: float) -> torch.Tensor:
     """Attention of every query region over the pixels of its routed key regions.
@@ -114,19 +153,8 @@ def region_routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i
     # one flat row per (batch, region); routed slots become row indices
     rows = (index + torch.arange(batch, device=index.device)[:, None, None] * regions).reshape(batch * regions, -1)
     flat = [t.reshape(batch * regions, *t.shape[2:]) for t in (q, k, v)]
-    bp, heads, width, dim = flat[0].shape
-    gathered_bytes = bp * heads * width * (dim + v.shape[-1] + width) * 4 * rows.shape[1]
-    if gathered_bytes <= 4 * _CHUNK_BYTES and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
-        # inference with all routed regions fitting in a few chunks: plain attention on the gathered regions. Heads
-        # go first so that gathering regions along dim 1 yields [heads, BP, c*W, C] with no transpose copy.
-        q_h, k_h, v_h = (t.transpose(0, 1) for t in flat)
-        keys, values = (t.contiguous().index_select(1, rows.reshape(-1)).view(heads, bp, -1, t.shape[-1])
-                        for t in (k_h, v_h))
-        if width >= 32:  # the fused SDPA kernel pays off from about 32 queries per region on CPUs
-            out = torch.nn.functional.scaled_dot_product_attention(q_h, keys, values, scale=float(scale))
-        else:
-            out = torch.softmax((q_h @ keys.transpose(-1, -2)).mul_(scale), dim=-1) @ values
-        out = out.transpose(0, 1)
-    else:
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         out = _RoutedAttention.apply(*flat, rows, float(scale))
+    else:
+        out = _routed_inference(*flat, rows, float(scale))
     return out.view(*v.shape)

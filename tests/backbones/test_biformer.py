@@ -121,3 +121,20 @@ def test_torch_compile_gives_the_same_output():
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert torch.allclose(torch.compile(model)(x), model(x), atol=1e-4)
+
+
+@pytest.mark.parametrize("width", [5, 36])  # below and above the fused-kernel threshold
+@pytest.mark.parametrize("chunk_bytes", [1, 2**25])
+def test_routed_attention_inference_path_matches_the_gather(monkeypatch, width, chunk_bytes):
+    monkeypatch.setattr(routing, "_CHUNK_BYTES", chunk_bytes)
+    torch.manual_seed(0)
+    b, p, m, c, t = 2, 9, 2, 8, 3
+    q, k, v = (torch.randn(b, p, m, width, c) for _ in range(3))
+    index = torch.stack([torch.randperm(p)[:t] for _ in range(b * p)]).view(b, p, t)
+    batch = torch.arange(b)[:, None, None]
+    kk = k[batch, index].permute(0, 1, 3, 2, 4, 5).reshape(b, p, m, t * width, c)
+    vv = v[batch, index].permute(0, 1, 3, 2, 4, 5).reshape(b, p, m, t * width, c)
+    want = torch.softmax(0.4 * q @ kk.transpose(-1, -2), -1) @ vv
+    with torch.no_grad():
+        got = routing.region_routed_attention(q, k, v, index, 0.4)
+    assert torch.allclose(got, want, atol=1e-5)
