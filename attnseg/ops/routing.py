@@ -3,10 +3,10 @@
 The operator of BiFormer's bi-level routing attention. The official code gathers the keys and values of the
 ``k`` routed regions for every query region (``torch.gather`` on an expanded view), a ``k``-fold copy of
 K and V whose backward is a scatter of the same size (rayleizhu/BiFormer issues #21 and #50: ~100 GB for a
-600x500 map). Here the routed regions are visited a chunk of slots at a time with an online softmax, so the
-extra memory is one bounded chunk; the backward recomputes the probabilities from the saved logsumexp and
-scatters key/value gradients region by region (``index_add_``). Same math, so the same outputs up to float
-rounding.
+600x500 map). Here the routed regions are visited a chunk of slots at a time, so the extra memory is one
+bounded chunk: with autograd, an online softmax whose backward recomputes the probabilities from the saved
+logsumexp and scatters key/value gradients region by region (``index_add_``); without it, PyTorch's fused CPU
+attention kernel per chunk, merged by logsumexp. Same math, so the same outputs up to float rounding.
 """
 
 from __future__ import annotations
