@@ -197,6 +197,23 @@ if triton is not None:
         return (rx * (2 * KY - 1) + ry) * (2 * KZ - 1) + rz
 
     @triton.jit
+    def _key_tile_logits(K, RPB, q, n, jx0, jy0, jz0, kx1, ky1, kz1, b, s_kb, s_kx, s_ky, s_kz, hk, s_kh, h,
+                         DX, DY, DZ, gx, gy, gz, d, D, ix, iy, iz, q_ok, lox, hix, loy, hiy, loz, hiz,
+                         KX, KY, KZ, qk_scale, BY: tl.constexpr, BZ: tl.constexpr, HAS_RPB: tl.constexpr,
+                         IEEE: tl.constexpr, ACC: tl.constexpr):
+        """One key tile of a query tile's box: its coordinates, keys, log2-unit logits (+ bias) and window mask.
+
+        The logits are not masked; callers apply ``mask`` as their pass needs (-inf, or zero probabilities).
+        """
+        jx, jy, jz, k_ok = _box_tile(n, jx0, jy0, jz0, kx1, ky1, kz1, BY, BZ)
+        kt = _load_rows(K, b, s_kb, jx, s_kx, jy, s_ky, jz, s_kz, hk, s_kh, DX, DY, DZ, gx, gy, gz, k_ok, d, D)
+        s = _dot(q, tl.trans(kt), IEEE).to(ACC) * qk_scale
+        mask = _pair_mask(ix, iy, iz, jx, jy, jz, q_ok, k_ok, lox, hix, loy, hiy, loz, hiz)
+        if HAS_RPB:
+            s += _bias(RPB, h, ix, iy, iz, jx, jy, jz, KX, KY, KZ, mask, False, ACC)
+        return jx, jy, jz, k_ok, kt, s, mask
+
+    @triton.jit
     def _na_forward_kernel(
         Q, K, V, OUT, LSE, TAB, RPB,
         s_qb, s_qx, s_qy, s_qz, s_qh,
@@ -225,13 +242,10 @@ if triton is not None:
             for jx0 in range(kx0, kx1, BX):
                 for jy0 in range(ky0, ky1, BY):
                     for jz0 in range(kz0, kz1, BZ):
-                        jx, jy, jz, k_ok = _box_tile(n, jx0, jy0, jz0, kx1, ky1, kz1, BY, BZ)
-                        kt = _load_rows(K, b, s_kb, jx, s_kx, jy, s_ky, jz, s_kz, hk, s_kh, DX, DY, DZ, gx, gy, gz,
-                                        k_ok, d, D)
-                        s = _dot(q, tl.trans(kt), IEEE).to(ACC) * qk_scale
-                        mask = _pair_mask(ix, iy, iz, jx, jy, jz, q_ok, k_ok, lox, hix, loy, hiy, loz, hiz)
-                        if HAS_RPB:
-                            s += _bias(RPB, h, ix, iy, iz, jx, jy, jz, KX, KY, KZ, mask, False, ACC)
+                        jx, jy, jz, k_ok, kt, s, mask = _key_tile_logits(
+                            K, RPB, q, n, jx0, jy0, jz0, kx1, ky1, kz1, b, s_kb, s_kx, s_ky, s_kz, hk, s_kh, h,
+                            DX, DY, DZ, gx, gy, gz, d, D, ix, iy, iz, q_ok, lox, hix, loy, hiy, loz, hiz,
+                            KX, KY, KZ, qk_scale, BY, BZ, HAS_RPB, IEEE, ACC)
                         s = tl.where(mask, s, float("-inf"))
                         m_new = tl.maximum(m_i, tl.max(s, 1))
                         base = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet: no NaN
@@ -286,13 +300,10 @@ if triton is not None:
             for jx0 in range(kx0, kx1, BX):
                 for jy0 in range(ky0, ky1, BY):
                     for jz0 in range(kz0, kz1, BZ):
-                        jx, jy, jz, k_ok = _box_tile(n, jx0, jy0, jz0, kx1, ky1, kz1, BY, BZ)
-                        kt = _load_rows(K, b, s_kb, jx, s_kx, jy, s_ky, jz, s_kz, hk, s_kh, DX, DY, DZ, gx, gy, gz,
-                                        k_ok, d, D)
-                        s = _dot(q, tl.trans(kt), IEEE).to(ACC) * qk_scale
-                        mask = _pair_mask(ix, iy, iz, jx, jy, jz, q_ok, k_ok, lox, hix, loy, hiy, loz, hiz)
-                        if HAS_RPB:
-                            s += _bias(RPB, h, ix, iy, iz, jx, jy, jz, KX, KY, KZ, mask, False, ACC)
+                        jx, jy, jz, k_ok, kt, s, mask = _key_tile_logits(
+                            K, RPB, q, n, jx0, jy0, jz0, kx1, ky1, kz1, b, s_kb, s_kx, s_ky, s_kz, hk, s_kh, h,
+                            DX, DY, DZ, gx, gy, gz, d, D, ix, iy, iz, q_ok, lox, hix, loy, hiy, loz, hiz,
+                            KX, KY, KZ, qk_scale, BY, BZ, HAS_RPB, IEEE, ACC)
                         p = tl.where(mask, tl.math.exp2(s - lse2[:, None]), 0.0)
                         vt = _load_rows(V, b, s_vb, jx, s_vx, jy, s_vy, jz, s_vz, hk, s_vh, DX, DY, DZ, gx, gy, gz,
                                         k_ok, dv, DV)
