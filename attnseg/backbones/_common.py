@@ -1,13 +1,15 @@
-"""What every 2D backbone family shares: the input check of its ``forward_*`` methods."""
+"""What the 2D backbone families share: the input check of ``forward_*`` and the norm + linear classifier reset."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from attnseg.errors import InputSizeError
 
-__all__ = ["check_image_input"]
+__all__ = ["check_image_input", "reset_norm_linear_head"]
 
 
 def check_image_input(model: nn.Module, x: torch.Tensor) -> None:
@@ -18,3 +20,22 @@ def check_image_input(model: nn.Module, x: torch.Tensor) -> None:
         raise InputSizeError(f"{name} expects input [B, {model.in_chans}, H, W], got {list(x.shape)}")
     if min(x.shape[-2:]) < model.min_input_size:
         raise InputSizeError(f"{name} needs H and W >= {model.min_input_size}, got {x.shape[-2]}x{x.shape[-1]}")
+
+
+def reset_norm_linear_head(model: nn.Module, num_classes: int, make_norm: Callable[..., nn.Module]) -> None:
+    """``reset_classifier`` of backbones whose head is ``model.norm`` then a linear ``model.head``.
+
+    ``num_classes > 0``: a new linear layer (initialised by ``model._init_weights``), the final norm kept or created
+    with ``make_norm(num_features, device=, dtype=)``; ``0``: neither norm nor head.
+    """
+    if num_classes < 0:
+        raise ValueError(f"num_classes must be >= 0, got {num_classes}")
+    ref = next(model.parameters())
+    model.num_classes = num_classes
+    if num_classes == 0:
+        model.norm = model.head = None
+        return
+    if model.norm is None:
+        model.norm = make_norm(model.num_features, device=ref.device, dtype=ref.dtype)
+    model.head = nn.Linear(model.num_features, num_classes, device=ref.device, dtype=ref.dtype)
+    model._init_weights(model.head)

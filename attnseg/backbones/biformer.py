@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from attnseg.backbones._common import check_image_input
+from attnseg.backbones._common import check_image_input, reset_norm_linear_head
 from attnseg.layers import DropPath, LayerNorm2d, drop_path_rates
 from attnseg.ops.routing import region_routed_attention
 from attnseg.registry import BACKBONES
@@ -264,18 +264,7 @@ class BiFormer(nn.Module):
 
     def reset_classifier(self, num_classes: int) -> None:
         """A new linear classifier (the final BatchNorm kept or created) or none at all (``0``)."""
-        if num_classes < 0:
-            raise ValueError(f"num_classes must be >= 0, got {num_classes}")
-        ref = next(self.parameters())
-        self.num_classes = num_classes
-        if num_classes == 0:
-            self.norm = self.head = None
-            return
-        if self.norm is None:
-            self.norm = nn.BatchNorm2d(self.num_features, device=ref.device, dtype=ref.dtype)
-        self.head = nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype)
-        self._init_weights(self.head)
-
+        reset_norm_linear_head(self, num_classes, nn.BatchNorm2d)
 
     def forward_intermediates(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Every stage output, NCHW ``[B, C_i, ceil(H / 2**(i+2)), ...]`` (no extra norm)."""

@@ -25,6 +25,7 @@ zero-padded map, cropped; border pixels then see up to ``b - 1`` more zero keys 
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -470,12 +471,8 @@ class HaloNet(nn.Module):
         self.stages = nn.Sequential(*stages)
         self.num_features = cfg.num_features or prev
         self.final_conv = ConvNormAct(prev, cfg.num_features, 1, act=cfg.act) if cfg.num_features else nn.Identity()
-        self.head = nn.Sequential()
-        self.head.drop = nn.Dropout(drop_rate)
-        if num_classes:
-            self.head.fc = nn.Linear(self.num_features, num_classes)
-        else:
-            self.head = None
+        self.drop_rate = drop_rate
+        self.head = self._make_head(num_classes) if num_classes else None
         taps, stride = [(self.stem.tap_chs, 2, "stem")], self.stem.stride
         for i, stage in enumerate(cfg.stages):
             stride *= stage.stride
@@ -517,20 +514,18 @@ class HaloNet(nn.Module):
     def get_classifier(self) -> nn.Module | None:
         return self.head.fc if self.head is not None else None
 
+    def _make_head(self, num_classes: int, **dd: Any) -> nn.Sequential:
+        """timm's classifier head after global average pooling: ``head.drop``, ``head.fc``."""
+        return nn.Sequential(OrderedDict(drop=nn.Dropout(self.drop_rate),
+                                         fc=nn.Linear(self.num_features, num_classes, **dd)))
+
     def reset_classifier(self, num_classes: int) -> None:
         """A new linear classifier (``num_classes > 0``) or none (``0``)."""
         if num_classes < 0:
             raise ValueError(f"num_classes must be >= 0, got {num_classes}")
         ref = next(self.parameters())
         self.num_classes = num_classes
-        if num_classes == 0:
-            self.head = None
-            return
-        if self.head is None:
-            self.head = nn.Sequential()
-            self.head.drop = nn.Dropout(0.0)
-        self.head.fc = nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype)
-
+        self.head = self._make_head(num_classes, device=ref.device, dtype=ref.dtype) if num_classes else None
 
     def forward_intermediates(self, x: torch.Tensor) -> list[torch.Tensor]:
         """All five taps, NCHW: stride-2 stem feature, stages 1-3 (strides 4, 8, 16), final conv (stride 32)."""

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from attnseg.backbones._common import check_image_input
+from attnseg.backbones._common import check_image_input, reset_norm_linear_head
 from attnseg.layers import DropPath, Mlp, drop_path_rates
 from attnseg.ops import NeighborhoodAttention2D
 from attnseg.registry import BACKBONES, suggest
@@ -288,17 +288,7 @@ class _NATBase(nn.Module):
 
     def reset_classifier(self, num_classes: int) -> None:
         """A new linear classifier (``num_classes > 0``, the final norm kept or created) or none at all (``0``)."""
-        if num_classes < 0:
-            raise ValueError(f"num_classes must be >= 0, got {num_classes}")
-        ref = next(self.parameters())
-        self.num_classes = num_classes
-        if num_classes == 0:
-            self.norm = self.head = None
-            return
-        if self.norm is None:
-            self.norm = nn.LayerNorm(self.num_features, device=ref.device, dtype=ref.dtype)
-        self.head = nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype)
-        self._init_weights(self.head)
+        reset_norm_linear_head(self, num_classes, nn.LayerNorm)
 
     # -- forward ------------------------------------------------------------------------------------
 
