@@ -9,7 +9,7 @@ from torch import nn
 
 from attnseg.errors import InputSizeError
 
-__all__ = ["check_image_input", "reset_norm_linear_head"]
+__all__ = ["check_image_input", "reset_norm_linear_head", "init_linear_layernorm"]
 
 
 def check_image_input(model: nn.Module, x: torch.Tensor) -> None:
@@ -39,3 +39,14 @@ def reset_norm_linear_head(model: nn.Module, num_classes: int, make_norm: Callab
         model.norm = make_norm(model.num_features, device=ref.device, dtype=ref.dtype)
     model.head = nn.Linear(model.num_features, num_classes, device=ref.device, dtype=ref.dtype)
     model._init_weights(model.head)
+
+
+def init_linear_layernorm(m: nn.Module) -> None:
+    """The official NAT and BiFormer init: trunc-normal(0.02) linear weights, zero biases, unit LayerNorms."""
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)

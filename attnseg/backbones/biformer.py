@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from attnseg.backbones._common import check_image_input, reset_norm_linear_head
+from attnseg.backbones._common import check_image_input, init_linear_layernorm, reset_norm_linear_head
 from attnseg.layers import DropPath, LayerNorm2d, drop_path_rates
 from attnseg.ops.routing import region_routed_attention
 from attnseg.registry import BACKBONES
@@ -241,16 +241,7 @@ class BiFormer(nn.Module):
         """The dense LayerNorms, absent from classification checkpoints."""
         return ("extra_norms.",) if self.extra_norms is not None else ()
 
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        # The official init: trunc_normal(0.02) linear weights, zero biases, unit LayerNorms; convs default.
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+    _init_weights = staticmethod(init_linear_layernorm)  # the official init; convs keep PyTorch's default
 
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
         return {"stem": r"^downsample_layers\.0", "blocks": r"^(stages|downsample_layers)\.(\d+)" if coarse else [

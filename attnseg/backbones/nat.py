@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from attnseg.backbones._common import check_image_input, reset_norm_linear_head
+from attnseg.backbones._common import check_image_input, init_linear_layernorm, reset_norm_linear_head
 from attnseg.layers import DropPath, Mlp, drop_path_rates
 from attnseg.ops import NeighborhoodAttention2D
 from attnseg.registry import BACKBONES, suggest
@@ -256,16 +256,7 @@ class _NATBase(nn.Module):
         """Own keys that classification checkpoints lack (the pyramid norms)."""
         return tuple(f"norm{i}." for i in self.out_indices) if self.pyramid_norm else ()
 
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        # The official init: trunc_normal(0.02) linear weights, zero biases, unit LayerNorms; convs left default.
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+    _init_weights = staticmethod(init_linear_layernorm)  # the official init; convs keep PyTorch's default
 
     # -- timm-style utilities -----------------------------------------------------------------------
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
