@@ -242,13 +242,16 @@ def load_pretrained(
     scope_keys = {k[len(scope):] for k in model_keys if k.startswith(scope)}
     bare = bool(scope) and not any(k.startswith(scope) for k in sd)  # a backbone checkpoint, wrapped model
     view = sd if not scope or bare else {k[len(scope):]: v for k, v in sd.items() if k.startswith(scope)}
-    if family is not None and _fit(set(view), scope_keys) < 0.5:
+    if family is not None:
         from attnseg.convert import families, get_converter
 
         if explicit or family in families():
             converter = get_converter(family)  # ValueError for an explicit family without a converter
             is_official = getattr(converter, "is_official", None)
-            if is_official is None or is_official(view):
+            # keys that do not fit are converted where the converter recognises them (or has no way to say);
+            # keys that mostly fit only where it says they are an official layout (e.g. extra index buffers)
+            official = is_official(view) if is_official is not None else None
+            if official or (official is None and _fit(set(view), scope_keys) < 0.5):
                 converted = converter.convert_state_dict(view)
                 report.converted = family
                 if bare:

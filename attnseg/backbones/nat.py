@@ -46,11 +46,11 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from attnseg.backbones._common import check_image_input, init_linear_layernorm, reset_norm_linear_head
-from attnseg.layers import DropPath, Mlp, drop_path_rates
+from attnseg.layers import DropPath, Mlp, SimpleFeaturePyramid, drop_path_rates, relative_position_bias_2d
 from attnseg.ops import NeighborhoodAttention2D
 from attnseg.registry import BACKBONES, suggest
 
-__all__ = ["NAT", "DiNATs", "NATLayer", "DILATION_SCHEDULES", "resolve_dilations"]
+__all__ = ["NAT", "DiNATs", "NATIsotropic", "NATLayer", "GlobalAttentionRPB", "DILATION_SCHEDULES", "resolve_dilations"]
 
 # Per-level dilation patterns, repeated to each level's depth (reference/backbones_b.md §3.2; the official
 # classification factories and dense configs). Dilation must not exceed map_size / kernel_size at the
@@ -96,17 +96,63 @@ def resolve_dilations(dilations: str | Sequence[int | Sequence[int]] | None,
     return out
 
 
-class NATLayer(nn.Module):
-    """Pre-norm NA block on channels-last maps ``[B, H, W, C] -> [B, H, W, C]`` (the official ``NATLayer``)."""
+class GlobalAttentionRPB(nn.Module):
+    """Self-attention over the whole map with a 2D relative position bias (the official ViT-RPB ``MHSARPB``).
 
-    def __init__(self, dim: int, num_heads: int, kernel_size: int = 7, dilation: int = 1, mlp_ratio: float = 4.0,
-                 qkv_bias: bool = True, qk_scale: float | None = None, drop: float = 0.0, attn_drop: float = 0.0,
-                 drop_path: float = 0.0, layer_scale: float | None = None) -> None:
+    ``[B, H, W, C] -> [B, H, W, C]``. The bias table ``rpb [heads, 2L-1, 2L-1]`` covers the offsets of an
+    ``L x L`` map (``L = table_size``, the training resolution in patches) and is indexed key minus query, as the
+    official index buffer does (its ``flipud(fliplr(...))`` of Swin's query-minus-key index). The official module
+    raises on any other map size; here smaller maps index the table exactly and larger ones use it bicubically
+    resized (:func:`attnseg.layers.relpos.relative_position_bias_2d`), so the model runs at any input size. The
+    official ``relative_position_index`` buffer is not kept (it is a function of ``L``; the converter drops it).
+    """
+
+    def __init__(self, dim: int, num_heads: int, table_size: int, qkv_bias: bool = True,
+                 qk_scale: float | None = None, attn_drop: float = 0.0, proj_drop: float = 0.0) -> None:
+        super().__init__()
+        if dim % num_heads or table_size < 1:
+            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads}) and table_size >= 1, "
+                             f"got {table_size=}")
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.scale = qk_scale if qk_scale is not None else self.head_dim**-0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.rpb = nn.Parameter(torch.zeros(num_heads, 2 * table_size - 1, 2 * table_size - 1))
+        nn.init.trunc_normal_(self.rpb, std=0.02)
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        qkv = self.qkv(x).reshape(B, H * W, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # [B, heads, N, head_dim]
+        bias = relative_position_bias_2d(self.rpb, H, W).to(q.dtype)  # [heads, N, N]
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias[None], scale=self.scale,
+                                           dropout_p=self.attn_drop if self.training else 0.0)
+        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, H, W, C)))
+
+
+class NATLayer(nn.Module):
+    """Pre-norm NA block on channels-last maps ``[B, H, W, C] -> [B, H, W, C]`` (the official ``NATLayer``).
+
+    ``kernel_size=None`` makes it the official ViT-RPB block: attention over the whole map with a relative
+    position bias table sized for ``table_size x table_size`` maps (:class:`GlobalAttentionRPB`).
+    """
+
+    def __init__(self, dim: int, num_heads: int, kernel_size: int | None = 7, dilation: int = 1,
+                 mlp_ratio: float = 4.0, qkv_bias: bool = True, qk_scale: float | None = None, drop: float = 0.0,
+                 attn_drop: float = 0.0, drop_path: float = 0.0, layer_scale: float | None = None,
+                 table_size: int | None = None) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = NeighborhoodAttention2D(dim, num_heads, kernel_size, dilation, qkv_bias=qkv_bias,
-                                            qk_scale=qk_scale, rel_pos_bias=True, attn_drop=attn_drop,
-                                            proj_drop=drop)
+        if kernel_size is None:
+            if table_size is None:
+                raise ValueError("global attention (kernel_size=None) needs table_size, the map side it is built for")
+            self.attn = GlobalAttentionRPB(dim, num_heads, table_size, qkv_bias, qk_scale, attn_drop, drop)
+        else:
+            self.attn = NeighborhoodAttention2D(dim, num_heads, kernel_size, dilation, qkv_bias=qkv_bias,
+                                                qk_scale=qk_scale, rel_pos_bias=True, attn_drop=attn_drop,
+                                                proj_drop=drop)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
@@ -373,6 +419,134 @@ class DiNATs(_NATBase):
                          attn_drop_rate, drop_path_rate, out_indices, pyramid_norm)
 
 
+class NATIsotropic(nn.Module):
+    """Isotropic NAT / DiNAT and ViT-RPB: one resolution throughout (the official ``NATIsotropic``).
+
+    The DiNAT paper's isotropic comparison (classification/isotropic.py): a 16x16 patch embedding (input padded
+    on the right/bottom to whole patches) + LayerNorm, ``depth`` blocks at stride 16 (keys ``layers.{i}.*``),
+    final LayerNorm, mean over tokens, linear head. Blocks alternate NA (even layers) and NA with ``dilation``
+    (odd layers); ``kernel_size=None`` gives ViT-RPB, global self-attention with a relative position bias table
+    built for ``img_size // patch_size`` patches a side (:class:`GlobalAttentionRPB`; larger maps use the table
+    bicubically resized). The official model reshapes the patch grid to ``img_size // patch_size`` and so runs
+    only at ``img_size``; this one runs at any size of at least one patch.
+
+    For dense heads, :meth:`forward_pyramid` turns the last stride-16 map into strides 4/8/16/32 with ViTDet's
+    simple feature pyramid (``pyramid.*``, new parameters; the official code has no dense version). With
+    ``pyramid=False`` it returns the stride-16 map alone.
+
+    Args:
+        img_size: training resolution; sets the ViT-RPB table size (unused by NA blocks).
+        patch_size: patch side (the stride of every block).
+        depth: number of blocks; the other arguments as :class:`NAT`.
+        kernel_size: NA kernel, or None for global attention (ViT-RPB).
+        dilation: dilation of the odd blocks (None or 1: all plain NA).
+        out_indices: pyramid levels (0..3: strides 4, 8, 16, 32) built and returned by :meth:`forward_pyramid`.
+        pyramid: build the simple feature pyramid.
+
+    Example::
+
+        >>> m = NATIsotropic(embed_dim=32, depth=2, num_heads=2, num_classes=0)
+        >>> [tuple(f.shape[1:]) for f in m.forward_pyramid(torch.randn(1, 3, 97, 131))]
+        [(8, 25, 33), (16, 13, 17), (32, 7, 9), (32, 4, 5)]
+    """
+
+    family = "nat"
+    output_fmt = "NHWC"
+    head_key_prefixes = ("head.", "norm.")
+
+    def __init__(self, in_chans: int = 3, num_classes: int = 1000, img_size: int = 224, patch_size: int = 16,
+                 embed_dim: int = 384, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
+                 kernel_size: int | None = 7, dilation: int | None = 2, qkv_bias: bool = True,
+                 qk_scale: float | None = None, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
+                 drop_path_rate: float = 0.1, out_indices: Sequence[int] = (0, 1, 2, 3), pyramid: bool = True) -> None:
+        super().__init__()
+        if num_classes < 0 or in_chans < 1 or depth < 1 or patch_size < 1:
+            raise ValueError(f"need in_chans, depth, patch_size >= 1 and num_classes >= 0, got {in_chans=}, "
+                             f"{depth=}, {patch_size=}, {num_classes=}")
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim ({embed_dim}) is not divisible by num_heads ({num_heads})")
+        if kernel_size is not None and kernel_size < 2:
+            raise ValueError(f"kernel_size must be >= 2 or None (global attention), got {kernel_size}")
+        if img_size < patch_size:
+            raise ValueError(f"img_size ({img_size}) must be at least one patch ({patch_size})")
+        dilation = dilation or 1
+        self.in_chans, self.num_classes, self.num_features = in_chans, num_classes, embed_dim
+        self.min_input_size = patch_size
+        self.kernel_size, self.table_size = kernel_size, img_size // patch_size
+        self.dilations = [1 if i % 2 == 0 else dilation for i in range(depth)]
+        rates = drop_path_rates([depth], drop_path_rate)[0]
+
+        self.patch_embed = PatchEmbed(in_chans, embed_dim, patch_size)
+        self.pos_drop = nn.Dropout(drop_rate)
+        self.layers = nn.Sequential(*(
+            NATLayer(embed_dim, num_heads, kernel_size, self.dilations[i], mlp_ratio, qkv_bias, qk_scale, drop_rate,
+                     attn_drop_rate, rates[i], table_size=self.table_size) for i in range(depth)))
+        self.grad_checkpointing = False
+        self.pyramid = SimpleFeaturePyramid(embed_dim, out_indices) if pyramid else None
+        self.out_indices = tuple(out_indices) if pyramid else (2,)
+        if pyramid:
+            self.feature_info = [{"num_chs": c, "reduction": r, "module": f"pyramid.stages.{j}"} for j, (c, r) in
+                                 enumerate(zip(self.pyramid.channels, self.pyramid.reductions))]
+        else:
+            self.feature_info = [{"num_chs": embed_dim, "reduction": patch_size, "module": "layers"}]
+        self.norm = nn.LayerNorm(embed_dim) if num_classes else None
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes else None
+        self.apply(self._init_weights)
+
+    _init_weights = staticmethod(init_linear_layernorm)
+
+    @property
+    def new_key_prefixes(self) -> tuple[str, ...]:
+        """Own keys that the official checkpoints lack (the simple feature pyramid)."""
+        return ("pyramid.",) if self.pyramid is not None else ()
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """Parameter-name rules grouping the patch embedding and each block."""
+        return {"stem": r"^patch_embed", "blocks": r"^layers\.(\d+)"}
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass (same outputs, less memory)."""
+        self.grad_checkpointing = enable
+
+    def no_weight_decay_keywords(self) -> set[str]:
+        """Parameter names containing these get no weight decay (the official ``{'rpb'}``)."""
+        return {"rpb"}
+
+    def get_classifier(self) -> nn.Module | None:
+        return self.head
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """A new linear classifier (``num_classes > 0``, the final norm kept or created) or none at all (``0``)."""
+        reset_norm_linear_head(self, num_classes, nn.LayerNorm)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Last block's output, channels-last ``[B, ceil(H/p), ceil(W/p), C]`` (before the final norm)."""
+        check_image_input(self, x)
+        x = self.pos_drop(self.patch_embed(x))
+        for block in self.layers:
+            x = checkpoint(block, x, use_reentrant=False) if self.grad_checkpointing and torch.is_grad_enabled() \
+                else block(x)
+        return x
+
+    def forward_pyramid(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """NCHW maps at the strides of ``feature_info``: ``[B, C_i, ceil(H/s_i), ceil(W/s_i)]``."""
+        feats = self.forward_features(x).permute(0, 3, 1, 2)  # [B, h, w, C] -> [B, C, h, w]
+        if self.pyramid is None:
+            return [feats.contiguous()]
+        return self.pyramid(feats, size=x.shape[-2:])
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """``[B, h, w, C]`` -> logits: final LayerNorm, mean over all tokens, linear."""
+        if self.head is None:
+            raise RuntimeError(f"this {type(self).__name__} has no classifier (num_classes=0); use forward_pyramid")
+        x = self.norm(x).mean(dim=(1, 2))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, in_chans, H, W]`` -> logits ``[B, num_classes]``, as the official model's ``forward``."""
+        return self.forward_head(self.forward_features(x))
+
+
 # -- variants ----------------------------------------------------------------------------------------------------
 # Parameter counts at num_classes=1000 without pyramid norms; ImageNet-1k top-1 at 224 from the official README.
 
@@ -448,6 +622,28 @@ def dinat_large_384(**kwargs: Any) -> NAT:
     return _create(NAT, {**_LARGE, "dilations": "classification_384"}, kwargs)
 
 
+@BACKBONES.register(cls=NAT)
+def dinat_large_384_11x11(**kwargs: Any) -> NAT:
+    """DiNAT-Large at 384 with 11x11 kernels (dilations 8/4/2/1): 87.5% top-1."""
+    return _create(NAT, {**_LARGE, "kernel_size": 11, "dilations": "classification_224"}, kwargs)
+
+
+# The ImageNet-22k checkpoints (21841 classes) before fine-tuning; the official factories default to 1000 classes
+# and are called with num_classes=21841 for these weights, which is the default here.
+@BACKBONES.register(cls=NAT)
+def dinat_large_21k(**kwargs: Any) -> NAT:
+    """DiNAT-Large, ImageNet-22k pretraining (224, k7; drop path 0.2)."""
+    return _create(NAT, {**_LARGE, "drop_path_rate": 0.2, "num_classes": 21841, "dilations": "classification_224"},
+                   kwargs)
+
+
+@BACKBONES.register(cls=NAT)
+def dinat_large_21k_11x11(**kwargs: Any) -> NAT:
+    """DiNAT-Large, ImageNet-22k weights with the rpb bicubically interpolated to 11x11 kernels."""
+    return _create(NAT, {**_LARGE, "drop_path_rate": 0.2, "num_classes": 21841, "kernel_size": 11,
+                         "dilations": "classification_224"}, kwargs)
+
+
 @BACKBONES.register(cls=DiNATs)
 def dinat_s_tiny(**kwargs: Any) -> DiNATs:
     """DiNAT_s-Tiny: 28.3M parameters, 81.8% top-1."""
@@ -476,8 +672,70 @@ def dinat_s_large(**kwargs: Any) -> DiNATs:
                                 dilations="classification_224"), kwargs)
 
 
+@BACKBONES.register(cls=DiNATs)
+def dinat_s_large_384(**kwargs: Any) -> DiNATs:
+    """DiNAT_s-Large at 384 (dilations 13/6/3/1): 87.4% top-1."""
+    return _create(DiNATs, dict(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), drop_path_rate=0.35,
+                                dilations="classification_384"), kwargs)
+
+
+@BACKBONES.register(cls=DiNATs)
+def dinat_s_large_21k(**kwargs: Any) -> DiNATs:
+    """DiNAT_s-Large, ImageNet-22k pretraining (224; 21841 classes by default, drop path 0.2)."""
+    return _create(DiNATs, dict(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), drop_path_rate=0.2,
+                                num_classes=21841, dilations="classification_224"), kwargs)
+
+
+# Isotropic models: parameters and ImageNet-1k top-1 at 224 from the official DiNAT.md.
+_ISO_SMALL = dict(embed_dim=384, depth=12, num_heads=12, drop_path_rate=0.1)
+_ISO_BASE = dict(embed_dim=768, depth=12, num_heads=24, drop_path_rate=0.4)
+
+
+@BACKBONES.register(cls=NATIsotropic)
+def vitrpb_small(**kwargs: Any) -> NATIsotropic:
+    """ViT-RPB-Small (isotropic, global attention with relative position bias): 22M parameters, 81.2% top-1."""
+    return _create(NATIsotropic, {**_ISO_SMALL, "kernel_size": None, "dilation": None}, kwargs)
+
+
+@BACKBONES.register(cls=NATIsotropic)
+def nat_isotropic_small(**kwargs: Any) -> NATIsotropic:
+    """NAT-Small isotropic (k7): 22M parameters, 80.0% top-1."""
+    return _create(NATIsotropic, {**_ISO_SMALL, "kernel_size": 7, "dilation": 1}, kwargs)
+
+
+@BACKBONES.register(cls=NATIsotropic)
+def dinat_isotropic_small(**kwargs: Any) -> NATIsotropic:
+    """DiNAT-Small isotropic (k7, dilation 2 on every other block): 22M parameters, 80.8% top-1."""
+    return _create(NATIsotropic, {**_ISO_SMALL, "kernel_size": 7, "dilation": 2}, kwargs)
+
+
+@BACKBONES.register(cls=NATIsotropic)
+def vitrpb_base(**kwargs: Any) -> NATIsotropic:
+    """ViT-RPB-Base: 86M parameters, 82.5% top-1."""
+    return _create(NATIsotropic, {**_ISO_BASE, "kernel_size": None, "dilation": None}, kwargs)
+
+
+@BACKBONES.register(cls=NATIsotropic)
+def nat_isotropic_base(**kwargs: Any) -> NATIsotropic:
+    """NAT-Base isotropic (k7): 86M parameters, 81.6% top-1."""
+    return _create(NATIsotropic, {**_ISO_BASE, "kernel_size": 7, "dilation": 1}, kwargs)
+
+
+@BACKBONES.register(cls=NATIsotropic)
+def dinat_isotropic_base(**kwargs: Any) -> NATIsotropic:
+    """DiNAT-Base isotropic (k7, dilation 2 on every other block): 86M parameters, 82.1% top-1."""
+    return _create(NATIsotropic, {**_ISO_BASE, "kernel_size": 7, "dilation": 2}, kwargs)
+
+
 @BACKBONES.register(cls=NAT)
 def test_nat(**kwargs: Any) -> NAT:
     """A tiny DiNAT for CI (no published weights)."""
     return _create(NAT, dict(embed_dim=16, depths=(1, 2, 1, 1), num_heads=(1, 2, 4, 8), mlp_ratio=2.0,
                              dilations=[[1], [1, 2], [2], [1]], layer_scale=1e-5, drop_path_rate=0.0), kwargs)
+
+
+@BACKBONES.register(cls=NATIsotropic)
+def test_nat_isotropic(**kwargs: Any) -> NATIsotropic:
+    """A tiny isotropic DiNAT for CI (no published weights)."""
+    return _create(NATIsotropic, dict(embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0, kernel_size=7, dilation=2,
+                                      drop_path_rate=0.0), kwargs)

@@ -1,11 +1,14 @@
+from pathlib import Path
+
 import pytest
 import torch
 
 from attnseg import load_pretrained
-from attnseg.backbones.nat import NAT, DiNATs, resolve_dilations
+from attnseg.backbones.nat import NAT, DiNATs, GlobalAttentionRPB, NATIsotropic, resolve_dilations
 from attnseg.convert import from_official
 from attnseg.convert.nat import convert_state_dict, resize_rpb
 from attnseg.errors import CheckpointError, InputSizeError
+from attnseg.layers import relative_position_bias_2d, resize_rel_pos_table
 from attnseg.registry import BACKBONES
 from tests.conftest import load_fixture
 
@@ -216,3 +219,105 @@ def test_dinat_with_the_unetr_head_trains_end_to_end(tmp_path):
     assert result["global_step"] == 2 and 0.0 <= result["metrics"]["val/mDice"] <= 1.0
     state = torch.load(result["last_checkpoint"], map_location="cpu", weights_only=True)["state_dict"]
     assert any(k.endswith("attn.rpb") for k in state) and any(".norm3." in k for k in state)
+
+
+# -- isotropic models -------------------------------------------------------------------------------------------
+# tests/fixtures/nat_isotropic_official.pt: the official classification/isotropic.py (d334f5b) run with natten
+# 0.17.5 built for CPU, random weights; one case each for NAT-iso (k7), DiNAT-iso (k7, d2) and ViT-RPB.
+ISO_FIXTURE = Path(__file__).parents[1] / "fixtures" / "nat_isotropic_official.pt"
+
+
+def _iso_cases():
+    return torch.load(ISO_FIXTURE, map_location="cpu", weights_only=True)["cases"]
+
+
+@pytest.mark.parametrize("index,name", [(0, "nat_isotropic"), (1, "dinat_isotropic"), (2, "vitrpb")])
+def test_isotropic_parity_with_the_official_code(index, name):
+    fx = torch.load(ISO_FIXTURE, map_location="cpu", weights_only=True)
+    case = fx["cases"][index]
+    assert case["name"] == name
+    model = from_official("nat", case["constructor"], case["state_dict"])
+    assert isinstance(model, NATIsotropic) and model.pyramid is None
+    with torch.no_grad():
+        out = model(case["input"])
+        feats = model.forward_features(case["input"])
+    assert torch.allclose(out, case["output"], **fx["tolerance"])
+    assert torch.allclose(feats, case["features"][0], **fx["tolerance"])
+    # the attention kind and its position bias are what the record says
+    attn = model.layers[1].attn
+    if name == "vitrpb":
+        assert isinstance(attn, GlobalAttentionRPB) and attn.rpb.shape == (2, 13, 13)
+    else:
+        assert attn.dilation == ((2, 2) if name == "dinat_isotropic" else (1, 1))
+
+
+def test_vitrpb_bias_is_oriented_and_its_index_checked():
+    case = _iso_cases()[2]
+    sd = {k: (v.transpose(1, 2) if k.endswith("attn.rpb") else v) for k, v in case["state_dict"].items()}
+    with torch.no_grad():
+        delta = (from_official("nat", case["constructor"], sd)(case["input"]) - case["output"]).abs().max()
+    assert delta > 10 * 1e-4  # the fixture's atol
+    bad = dict(case["state_dict"])
+    key = next(k for k in bad if k.endswith("relative_position_index"))
+    bad[key] = bad[key].t().contiguous()  # Swin's query-minus-key index, not the official one
+    with pytest.raises(CheckpointError, match="relative_position_index is not the ViT-RPB index"):
+        from_official("nat", case["constructor"], bad)
+
+
+def test_relative_position_bias_2d_against_a_loop():
+    table = torch.randn(3, 9, 7)  # offsets up to 4 rows, 3 columns
+    bias = relative_position_bias_2d(table, 4, 3)
+    for q in range(12):
+        for k in range(12):
+            (qy, qx), (ky, kx) = divmod(q, 3), divmod(k, 3)
+            assert torch.equal(bias[:, q, k], table[:, ky - qy + 4, kx - qx + 3])
+    # a map beyond the table uses it bicubically resized to cover every offset
+    big = relative_position_bias_2d(table, 6, 3)
+    assert big.shape == (3, 18, 18)
+    assert torch.allclose(big[:, 0, 0], resize_rel_pos_table(table, (11, 7))[:, 5, 3])
+
+
+def test_isotropic_models_run_at_other_sizes_and_keep_official_logits_at_their_own():
+    case = _iso_cases()[2]
+    model = from_official("nat", case["constructor"], case["state_dict"])
+    with torch.no_grad():
+        for size in [(16, 16), (80, 112), (97, 131), (224, 224)]:  # maps below, at and beyond the 7x7 table
+            out = model(torch.randn(1, 3, *size))
+            assert out.shape == (1, 10) and torch.isfinite(out).all()
+
+
+def test_isotropic_variants_and_pyramid():
+    counts = {"vitrpb_small": 22.08e6, "nat_isotropic_small": 22.00e6, "dinat_isotropic_base": 86.47e6}
+    for name, want in counts.items():
+        with torch.device("meta"):
+            model = BACKBONES.get(name)(pyramid=False)
+        got = sum(p.numel() for p in model.parameters())
+        assert abs(got - want) / want < 0.002, (name, got)
+    model = BACKBONES.get("test_nat_isotropic")(num_classes=0, out_indices=(1, 3))
+    assert [(f["num_chs"], f["reduction"]) for f in model.feature_info] == [(16, 8), (32, 32)]
+    assert model.new_key_prefixes == ("pyramid.",)
+    with torch.no_grad():
+        maps = model.forward_pyramid(torch.randn(2, 3, 64, 80))
+    assert [tuple(m.shape) for m in maps] == [(2, 16, 8, 10), (2, 32, 2, 3)]
+    with pytest.raises(InputSizeError, match="needs H and W >= 16"):
+        model.forward_pyramid(torch.randn(1, 3, 15, 64))
+
+
+def test_isotropic_gradients_reach_every_parameter():
+    for kernel in (7, None):
+        model = BACKBONES.get("test_nat_isotropic")(num_classes=3, kernel_size=kernel, img_size=64)
+        x = torch.randn(2, 3, 64, 48)
+        (model(x).sum() + sum(m.sum() for m in model.forward_pyramid(x))).backward()
+        missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+        assert not missing, (kernel, missing)
+
+
+def test_official_vitrpb_checkpoint_loads_into_a_dense_backbone(tmp_path):
+    case = _iso_cases()[2]
+    torch.save(case["state_dict"], tmp_path / "vitrpb.pth")
+    kwargs = {k: v for k, v in case["constructor"]["kwargs"].items() if k not in ("layer", "patch_norm", "num_classes")}
+    model = NATIsotropic(**kwargs, num_classes=0)
+    report = load_pretrained(model, tmp_path / "vitrpb.pth")
+    assert report.converted == "nat" and not report.missing
+    assert sorted(report.initialized) == sorted(k for k in model.state_dict() if k.startswith("pyramid."))
+    assert torch.equal(model.layers[0].attn.rpb, case["state_dict"]["layers.0.attn.rpb"])
