@@ -18,7 +18,9 @@ Faithfulness and differences:
 
 - The attention over routed regions is :func:`attnseg.ops.region_routed_attention`, which never makes the
   official ``topk``-fold copy of keys and values (issues #21, #50); outputs equal the official ones up to
-  float rounding (parity tests use fixtures whose routing margins exceed that rounding).
+  float rounding (parity tests use fixtures whose routing margins exceed that rounding). In inference, where a
+  quarter or more of the regions are routed (stage 3: 16 of 49), it is computed instead as attention over all
+  tokens with the routing as a mask (:func:`attnseg.ops.region_masked_attention`): same keys, no gathers.
 - Padding is always on (the official classifier asserts divisible sizes; its dense version pads): any input
   works, and divisible inputs give exactly the official classifier's outputs. Padded pixels are not masked,
   as in the official code: they carry the projection biases into region means and attention.
@@ -41,7 +43,7 @@ from torch.utils.checkpoint import checkpoint
 
 from attnseg.backbones._common import check_image_input, init_linear_layernorm, reset_norm_linear_head
 from attnseg.layers import DropPath, LayerNorm2d, drop_path_rates
-from attnseg.ops.routing import region_routed_attention
+from attnseg.ops.routing import prefers_masked_dense, region_masked_attention, region_routed_attention
 from attnseg.registry import BACKBONES
 
 __all__ = ["BiFormer", "BiLevelRoutingAttention", "AttentionLePE", "BiFormerBlock"]
@@ -95,7 +97,36 @@ class BiLevelRoutingAttention(nn.Module):
             x = F.pad(x, (0, 0, 0, -w_in % s, 0, -h_in % s))
         h, w = x.shape[1] // s, x.shape[2] // s  # region size
         q, kv = self.qkv(x)  # [N, H, W, qk], [N, H, W, qk + C]
-        m = self.num_heads
+        if not (torch.is_grad_enabled() and x.requires_grad) and prefers_masked_dense(s * s, self.topk, n,
+                                                                                      h * w * s * s):
+            out, index = self._masked_dense(q, kv, h, w)
+        else:
+            out, index = self._routed(q, kv, h, w)
+        if self.lepe is not None:
+            out = out + self.lepe(kv[..., self.qk_dim:].permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        out = self.wo(out)[:, :h_in, :w_in]
+        return (out, index) if return_routing else out
+
+    def _masked_dense(self, q: torch.Tensor, kv: torch.Tensor, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inference when most regions are routed: attention over all tokens with the routing as a mask."""
+        n, s, m = q.shape[0], self.n_win, self.num_heads
+        # region descriptors: mean query / key over each region's pixels, [N, S^2, qk_dim] (pooling the NHWC map
+        # through its channels-last NCHW view, much faster than a mean over the strided region axes)
+        def describe(t: torch.Tensor) -> torch.Tensor:
+            return F.avg_pool2d(t.permute(0, 3, 1, 2), (h, w)).permute(0, 2, 3, 1).reshape(n, s * s, -1)
+
+        index = self.route(describe(q), describe(kv[..., :self.qk_dim]))
+
+        def heads(t: torch.Tensor) -> torch.Tensor:  # [N, H, W, m*c] -> [N, m, H*W, c]
+            return t.reshape(n, s * h * s * w, m, t.shape[-1] // m).transpose(1, 2)
+
+        out = region_masked_attention(heads(q), heads(kv[..., :self.qk_dim]), heads(kv[..., self.qk_dim:]), index,
+                                      (s, s), (h, w), self.scale)  # [N, m, H*W, c]
+        return out.transpose(1, 2).reshape(n, s * h, s * w, self.dim), index
+
+    def _routed(self, q: torch.Tensor, kv: torch.Tensor, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention over the gathered routed regions (training, and inference when few regions are routed)."""
+        n, s, m = q.shape[0], self.n_win, self.num_heads
 
         def regions(t: torch.Tensor) -> torch.Tensor:  # [N, S*h, S*w, m*c] -> [N, S^2, m, h*w, c], one copy
             t = t.reshape(n, s, h, s, w, m, t.shape[-1] // m).permute(0, 1, 3, 5, 2, 4, 6)
@@ -105,11 +136,7 @@ class BiLevelRoutingAttention(nn.Module):
         # region descriptors: mean query / key over each region's pixels, [N, S^2, qk_dim] (heads-major channels)
         index = self.route(q_r.mean(3).reshape(n, s * s, -1), k_r.mean(3).reshape(n, s * s, -1))
         out = region_routed_attention(q_r, k_r, v_r, index, self.scale)  # [N, S^2, m, h*w, c]
-        out = out.view(n, s, s, m, h, w, -1).permute(0, 1, 4, 2, 5, 3, 6).reshape(n, s * h, s * w, self.dim)
-        if self.lepe is not None:
-            out = out + self.lepe(kv[..., self.qk_dim:].permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        out = self.wo(out)[:, :h_in, :w_in]
-        return (out, index) if return_routing else out
+        return out.view(n, s, s, m, h, w, -1).permute(0, 1, 4, 2, 5, 3, 6).reshape(n, s * h, s * w, self.dim), index
 
 
 class AttentionLePE(nn.Module):

@@ -18,8 +18,9 @@ from attnseg.ops.functional import (
     use_backend,
 )
 from attnseg.ops.modules import NeighborhoodAttention1D, NeighborhoodAttention2D, NeighborhoodAttention3D
-from attnseg.ops.routing import region_routed_attention
+from attnseg.ops.routing import region_masked_attention, region_routed_attention
 
 __all__ = ["na1d", "na2d", "na3d", "na1d_qk", "na2d_qk", "na3d_qk", "na1d_av", "na2d_av", "na3d_av",
            "use_backend", "available_backends", "NeighborhoodAttention1D", "NeighborhoodAttention2D",
-           "NeighborhoodAttention3D", "region_routed_attention"]
+           "NeighborhoodAttention3D", "region_routed_attention",
+           "region_masked_attention"]

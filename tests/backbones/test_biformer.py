@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from attnseg import load_pretrained
+from attnseg.backbones import biformer
 from attnseg.backbones.biformer import BiFormer, BiLevelRoutingAttention
 from attnseg.convert import from_official
 from attnseg.errors import CheckpointError
@@ -127,3 +128,36 @@ def test_routed_attention_inference_path_matches_the_gather(monkeypatch, width, 
     with torch.no_grad():
         got = routing.region_routed_attention(q, k, v, index, 0.4)
     assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_masked_dense_attention_equals_the_routed_one():
+    torch.manual_seed(0)
+    b, sy, sx, h, w, m, c, t = 2, 3, 4, 2, 3, 2, 8, 5
+    p = sy * sx
+    maps = [torch.randn(b, sy * h, sx * w, m, c, dtype=torch.float64) for _ in range(3)]
+    index = torch.stack([torch.randperm(p)[:t] for _ in range(b * p)]).view(b, p, t)
+
+    def regions(t):  # [B, H, W, m, c] -> [B, P, m, h*w, c]
+        return t.view(b, sy, h, sx, w, m, c).permute(0, 1, 3, 5, 2, 4, 6).reshape(b, p, m, h * w, c)
+
+    routed = routing.region_routed_attention(*(regions(x) for x in maps), index, 0.4)
+    tokens = [x.reshape(b, -1, m, c).transpose(1, 2) for x in maps]  # [B, m, N, c]
+    dense = routing.region_masked_attention(*tokens, index, (sy, sx), (h, w), 0.4)
+    assert torch.allclose(regions(dense.transpose(1, 2).reshape(b, sy * h, sx * w, m, c)), routed, atol=1e-12)
+    with pytest.raises(ValueError, match="a 3x4 grid of 2x3 regions needs 72 tokens"):
+        routing.region_masked_attention(*(x[:, :, :70] for x in tokens), index, (sy, sx), (h, w), 0.4)
+
+
+def test_routing_attention_paths_agree_inside_the_block(monkeypatch):
+    # stage-3-like routing (topk 16 of 49): inference takes the masked dense path; forcing the routed path must
+    # give the same output and routing
+    attn = BiLevelRoutingAttention(32, num_heads=2, n_win=7, topk=16).eval()
+    x = torch.randn(2, 15, 13, 32)  # padded to 21x14: 3x2 regions
+    assert routing.prefers_masked_dense(49, 16, 2, 21 * 14)
+    with torch.no_grad():
+        dense, dense_index = attn(x, return_routing=True)
+        monkeypatch.setattr(biformer, "prefers_masked_dense", lambda *a: False)
+        routed, routed_index = attn(x, return_routing=True)
+    assert torch.equal(dense_index, routed_index)
+    assert torch.allclose(dense, routed, atol=1e-5)
+    assert not routing.prefers_masked_dense(49, 4, 2, 28 * 28)
