@@ -3,6 +3,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 
+import bench_models  # noqa: E402
 import benchmark  # noqa: E402
 
 
@@ -27,3 +28,12 @@ def test_docs_benchmarks_has_the_cpu_section_and_its_targets():
     text = (Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md").read_text()
     assert "<!-- begin ops -->" in text and "<!-- end ops -->" in text
     assert "2D k7 forward <= 10 ms" in text
+
+
+def test_official_nat_modules_hold_each_variant():
+    # classification/{nat,dinat,dinats,isotropic}.py of SHI-Labs/Neighborhood-Attention-Transformer
+    expected = {"nat_mini": "nat", "nat_base": "nat", "dinat_small": "dinat", "dinat_s_small": "dinats",
+                "dinat_large": "dinat", "dinat_s_large": "dinats", "nat_isotropic_small": "isotropic",
+                "dinat_isotropic_base": "isotropic", "vitrpb_small": "isotropic"}
+    assert {name: bench_models.official_nat_module(name) for name in expected} == expected
+    assert set(expected) <= set(bench_models.VARIANTS["nat"])

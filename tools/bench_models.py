@@ -75,10 +75,17 @@ def build(kind: str, name: str, repo: str | None = None, **overrides: Any) -> to
             return module.BiFormer(**{**_OFFICIAL_BIFORMER_ARGS[name], **overrides}).eval()
         return getattr(module, name)(pretrained=False).eval()
     sys.path.insert(0, str(Path(repo) / "classification"))
-    module = importlib.import_module("isotropic" if "isotropic" in name or name.startswith("vitrpb") else
-                                     "dinats" if name.startswith("dinat_s") else
-                                     "dinat" if name.startswith("dinat") else "nat")
+    module = importlib.import_module(official_nat_module(name))
     return getattr(module, name)(pretrained=False, **overrides).eval()
+
+
+def official_nat_module(name: str) -> str:
+    """The module of the official NAT code (``classification/<module>.py``) that defines the factory ``name``."""
+    if "isotropic" in name or name.startswith("vitrpb"):
+        return "isotropic"
+    if name.startswith("dinat_s_"):  # not "dinat_s": dinat_small is a DiNAT
+        return "dinats"
+    return "dinat" if name.startswith("dinat") else "nat"
 
 
 def reference_of(name: str, biformer_repo: str | None, nat_repo: str | None) -> tuple[str, str | None, str | None]:
@@ -104,27 +111,31 @@ def reference_of(name: str, biformer_repo: str | None, nat_repo: str | None) -> 
     return "official", nat_repo, None
 
 
-def images_per_second(model: torch.nn.Module, size: int, reps: int = 10, warmup: int = 3,
-                      budget_s: float = 120.0) -> tuple[float, int]:
-    """Batch ``BATCH`` inference throughput: ``(median over reps runs after warmup, reps)``.
+def images_per_second(models: list[torch.nn.Module], size: int, reps: int = 10, warmup: int = 3,
+                      budget_s: float = 240.0) -> tuple[list[float], int]:
+    """Batch ``BATCH`` inference throughput of each model: ``([median images/s per model], reps)``.
 
-    A model whose first call takes longer than ``budget_s / reps`` (the official NAT code on NATTEN's CPU kernels
-    takes about a minute per batch) gets fewer repetitions, at least 2, after that one warm-up call.
+    The models take turns, one call each per repetition, so that a change in machine speed during the run (these
+    are shared VMs) affects all of them alike and the ratios stay comparable. When a round takes longer than
+    ``budget_s / reps`` (the official NAT code on NATTEN's CPU kernels) there are fewer repetitions, at least 3.
     """
     x = torch.randn(BATCH, 3, size, size)
-    times = []
+    times: list[list[float]] = [[] for _ in models]
     with torch.inference_mode():
-        t0 = time.perf_counter()
-        model(x)
-        first = time.perf_counter() - t0
-        if first * reps > budget_s:
-            reps, warmup = max(2, int(budget_s / first)), 1
-        for i in range(reps + warmup - 1):
+        round_s = 0.0
+        for model in models:
             t0 = time.perf_counter()
             model(x)
-            if i >= warmup - 1:
-                times.append(time.perf_counter() - t0)
-    return BATCH / statistics.median(times), reps
+            round_s += time.perf_counter() - t0
+        if round_s * reps > budget_s:
+            reps, warmup = max(3, int(budget_s / round_s)), 1
+        for i in range(reps + warmup - 1):
+            for j, model in enumerate(models):
+                t0 = time.perf_counter()
+                model(x)
+                if i >= warmup - 1:
+                    times[j].append(time.perf_counter() - t0)
+    return [BATCH / statistics.median(t) for t in times], reps
 
 
 def peak_mib(kind: str, name: str, repo: str | None, size: int | None = None,
@@ -156,18 +167,27 @@ def bench_models(families: list[str], biformer_repo: str | None, nat_repo: str |
         for name, size, overrides in cases:
             label = name + "".join(f" {k}={v}" for k, v in overrides.items())
             row: dict[str, Any] = {"family": family, "model": label, "size": size}
-            row["ours_ips"], row["ours_reps"] = images_per_second(build("attnseg", name, **overrides), size)
-            row["ours_mib"] = peak_mib("attnseg", name, None, size, overrides)
+            ours = build("attnseg", name, **overrides)
             kind, repo, reason = reference_of(name, biformer_repo, nat_repo)
             row["reference"] = "timm 1.0.31" if kind == "timm" else "official code"
+            reference = None
             if reason:
                 row["note"] = reason
             else:
                 try:
-                    row["ref_ips"], row["ref_reps"] = images_per_second(build(kind, name, repo, **overrides), size)
-                    row["ref_mib"] = peak_mib(kind, name, repo, size, overrides)
+                    reference = build(kind, name, repo, **overrides)
+                    with torch.inference_mode():  # fails early if the reference cannot run at all
+                        reference(torch.randn(1, 3, size, size))
                 except Exception as err:  # a reference that fails is reported, not fatal
                     row["note"] = f"reference failed: {type(err).__name__}: {str(err).splitlines()[0][:90]}"
+                    reference = None
+            ips, row["reps"] = images_per_second([ours] if reference is None else [ours, reference], size)
+            row["ours_ips"] = ips[0]
+            row["ours_mib"] = peak_mib("attnseg", name, None, size, overrides)
+            if reference is not None:
+                row["ref_ips"] = ips[1]
+                row["ref_mib"] = peak_mib(kind, name, repo, size, overrides)
+            del ours, reference
             rows.append(row)
             print(json.dumps(row), flush=True)
     return rows
@@ -181,8 +201,9 @@ def render_models(rows: list[dict[str, Any]]) -> str:
         "",
         "Generated by `python tools/benchmark.py models`; every row comes from the same run. "
         f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}. "
-        f"Batch {BATCH}, eval mode, images/s = median over 10 runs after 3 warm-up runs (fewer, at least 2 after one "
-        "warm-up, where a batch takes over 12 s: the reps columns); peak = RSS growth of a fresh process building "
+        f"Batch {BATCH}, eval mode, images/s = median over the reps column's runs after warm-up, attnseg and the "
+        "reference taking turns call by call (so a change in machine speed during the run affects both alike); "
+        "peak = RSS growth of a fresh process building "
         "the model and running one batch. HaloNet runs at 256 (timm's block-8 models only accept multiples of 256); "
         "the 512 BiFormer row is the official segmentation setting (n_win 8).",
         "",
@@ -198,7 +219,7 @@ def render_models(rows: list[dict[str, Any]]) -> str:
         ratio = f"{r['ours_ips'] / r['ref_ips']:.2f}x" if r.get("ref_ips") else "–"
         lines.append(f"| {r['model']} | {r['size']} | {fmt(r['ours_ips'])} | {r['reference']} | {fmt(r.get('ref_ips'))} "
                      f"| {ratio} | {fmt(r.get('ours_mib'), '.0f')} | {fmt(r.get('ref_mib'), '.0f')} | "
-                     f"{r.get('ours_reps', '–')}/{r.get('ref_reps', '–')} | {r.get('note', '')} |")
+                     f"{r.get('reps', '–')} | {r.get('note', '')} |")
     lines += ["", "Targets from issue 4, checked against the rows above:", ""]
     for r in rows:
         if not r.get("ref_ips"):

@@ -2,11 +2,11 @@
 
 Papers: Ali Hassani et al., "Neighborhood Attention Transformer", CVPR 2023 (arXiv 2204.07143); Ali Hassani
 and Humphrey Shi, "Dilated Neighborhood Attention Transformer", arXiv 2209.15001.
-Official code: SHI-Labs/Neighborhood-Attention-Transformer @ d334f5b, ``classification/{nat,dinat,dinats}.py``
+Official code: SHI-Labs/Neighborhood-Attention-Transformer @ d334f5b, ``classification/{nat,dinat,dinats,isotropic}.py``
 (MIT) and the dense versions in ``segmentation/`` and ``detection/``. The official code needs NATTEN
 0.14.5-0.17.5 (relative position bias was removed in 0.20); this port runs on :mod:`attnseg.ops`.
 
-Two layouts, one block:
+Three layouts, one block:
 
 - :class:`NAT` (also DiNAT, which is NAT with dilations): a conv tokenizer (two stride-2 3x3 convs, then a
   LayerNorm), levels of NA blocks each ending in a stride-2 3x3 conv downsampler. Keys ``patch_embed.*``,
@@ -15,6 +15,9 @@ Two layouts, one block:
 - :class:`DiNATs` (the official ``DiNAT_s``): Swin's layout with NA in place of window attention; a 4x4 patch
   embedding (input padded on the right/bottom to a multiple of 4), levels ``layers.{i}`` ending in a 2x2
   patch merging (LayerNorm + linear, odd sizes padded first).
+- :class:`NATIsotropic` (``classification/isotropic.py``): the DiNAT paper's isotropic models, 16x16 patches
+  and ``layers.{i}`` blocks at one resolution; NA, NA alternating with dilated NA, or (ViT-RPB) global
+  attention with a relative position bias. Dense use goes through ViTDet's simple feature pyramid.
 
 Each block is pre-norm: ``x + gamma1 * NA(LN(x))`` then ``x + gamma2 * MLP(LN(x))``, ``gamma`` (layer scale)
 only where the variant has it. NA has a relative position bias ``attn.rpb [heads, 2k-1, 2k-1]`` indexed in

@@ -76,16 +76,18 @@ def test_gradients_reach_every_parameter():
     assert not missing
 
 
-def test_channels_last_input_gives_the_same_output():
-    model = BACKBONES.get("test_nat")(num_classes=5).eval()
+@pytest.mark.parametrize("name", ["test_nat", "test_nat_isotropic"])
+def test_channels_last_input_gives_the_same_output(name):
+    model = BACKBONES.get(name)(num_classes=5).eval()
     x = torch.randn(2, 3, 64, 96)
     with torch.no_grad():
         assert torch.allclose(model(x), model(x.contiguous(memory_format=torch.channels_last)), atol=1e-5)
 
 
 @pytest.mark.slow
-def test_torch_compile_gives_the_same_output():
-    model = BACKBONES.get("test_nat")(num_classes=5).eval()
+@pytest.mark.parametrize("name", ["test_nat", "test_nat_isotropic"])
+def test_torch_compile_gives_the_same_output(name):
+    model = BACKBONES.get(name)(num_classes=5).eval()
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert torch.allclose(torch.compile(model)(x), model(x), atol=1e-4)
