@@ -30,6 +30,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from attnseg.datasets.transforms import AugmentConfig, NormalizeConfig
+from attnseg.datasets.volume_transforms import VolumeConfig
 from attnseg.errors import ConfigError
 from attnseg.registry import BACKBONES, DATASETS, HEADS, LOSSES, Registry, suggest
 
@@ -229,7 +230,18 @@ class DataConfig(Strict):
     num_workers: int = Field(0, ge=0, le=256, description="data-loader worker processes")
     augment: AugmentConfig | None = Field(None, description="training augmentation (attnseg.datasets.transforms)")
     normalize: NormalizeConfig | None = Field(None, description="mean/std normalisation applied to every split")
+    volume: VolumeConfig | None = Field(None, description="3D preprocessing and augmentation with MONAI "
+                                                          "(attnseg.datasets.volume_transforms)")
     check_files: bool = Field(True, description="read every file once before training to report bad ones")
+
+    @property
+    def training_crop(self) -> list[int] | None:
+        """The training crop size (``augment.crop_size`` or ``volume.crop.spatial_size``), or None."""
+        if self.augment is not None and self.augment.crop_size is not None:
+            return list(self.augment.crop_size)
+        if self.volume is not None and self.volume.crop is not None:
+            return list(self.volume.crop.spatial_size)
+        return None
 
 
 class LossConfig(Component):
@@ -416,6 +428,8 @@ def _loc_to_path(loc: Sequence[Any], data: Any) -> tuple[str, list[str]]:
         elif isinstance(node, (list, tuple)) and isinstance(item, int) and -len(node) <= item < len(node):
             parts.append(f"[{item}]")
             node = node[item]
+        elif isinstance(node, dict) and any(item == v for v in node.values() if isinstance(v, str)):
+            tags.append(str(item))  # a discriminated union's tag (``type: pos_neg``), not a key
         elif isinstance(node, dict) or not parts or isinstance(item, int):
             parts.append(("." if parts and not isinstance(item, int) else "") + (
                 f"[{item}]" if isinstance(item, int) else str(item)))  # a missing or unknown key
@@ -503,6 +517,14 @@ def validate_config(data: dict[str, Any], source: str | None = None) -> Experime
             _check_component(registry, section, comp, problems)
     if cfg is not None and cfg.task == "segmentation" and cfg.model.head is None:
         problems.append("model.head: required key is missing (a segmentation task needs a head)")
+    if cfg is not None and cfg.data.volume is not None:
+        if cfg.model.spatial_dims != 3:
+            problems.append("data.volume: MONAI volume transforms need 3D data (model.spatial_dims: 3); use "
+                            "data.augment for images")
+        if cfg.data.augment is not None:
+            problems.append("data.augment and data.volume are both set: for volumes use data.volume's keys (crop, "
+                            "flip_prob, rotate90, ...), or set data.volume: null to use data.augment's plain-torch "
+                            "3D ops")
     if cfg is not None and cfg.trainer.max_epochs is None and cfg.trainer.max_steps < 0:
         problems.append("trainer: set trainer.max_epochs or trainer.max_steps")
     if problems:
