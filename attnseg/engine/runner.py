@@ -33,13 +33,18 @@ __all__ = ["build_dataset", "build_dataloader", "build_task", "build_trainer", "
 def build_dataset(cfg: ExperimentConfig, split: str) -> Dataset:
     """The ``split`` ('train' | 'val' | 'test') dataset of ``cfg`` with its transform."""
     from attnseg.datasets.transforms import build_transform
+    from attnseg.datasets.volume_transforms import build_volume_transform
 
     spec = cfg.data.val_dataset if split != "train" and cfg.data.val_dataset is not None else cfg.data.dataset
-    transform = build_transform(
-        cfg.data.augment if split == "train" else None, cfg.data.normalize, train=split == "train",
-        spatial_dims=cfg.model.spatial_dims, task=cfg.task,
-        ignore_index=spec.kwargs.get("ignore_index"),  # padding and rotations fill masks with it, not class 0
-    )
+    ignore_index = spec.kwargs.get("ignore_index")  # padding and rotations fill masks with it, not class 0
+    if cfg.data.volume is not None:  # MONAI dictionary transforms (3D)
+        transform = build_volume_transform(cfg.data.volume, cfg.data.normalize, train=split == "train",
+                                           ignore_index=ignore_index)
+    else:
+        transform = build_transform(
+            cfg.data.augment if split == "train" else None, cfg.data.normalize, train=split == "train",
+            spatial_dims=cfg.model.spatial_dims, task=cfg.task, ignore_index=ignore_index,
+        )
     try:
         dataset = DATASETS.get(spec.name)(split=split, transform=transform, **spec.kwargs)
     except TypeError as e:

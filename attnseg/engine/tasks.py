@@ -110,7 +110,7 @@ class SegmentationTask(_Task):
         ev = self.cfg.evaluation
         if not ev.sliding_window:
             return self.model(image)
-        roi = ev.roi_size or (self.cfg.data.augment.crop_size if self.cfg.data.augment else None)
+        roi = ev.roi_size or self.cfg.data.training_crop
         return predict_logits(self.model, image, roi_size=roi, overlap=ev.overlap, blend_mode=ev.blend_mode,
                               sw_batch_size=ev.sw_batch_size)
 
