@@ -1,8 +1,10 @@
 """Datasets and transforms; importing this package registers every dataset in ``DATASETS``.
 
 Registered: ``synthetic2d``, ``synthetic3d`` (:mod:`.synthetic`), ``folder2d``, ``imagefolder``
-(:mod:`.folder2d`). Each is called as ``factory(split=..., transform=..., **kwargs)`` and returns a dataset
-with ``num_classes``, ``class_names``, ``in_chans``, ``spatial_dims``, ``task`` and ``ignore_index``.
+(:mod:`.folder2d`), ``decathlon`` (:mod:`.decathlon`, 3D NIfTI). Each is called as
+``factory(split=..., transform=..., **kwargs)`` and returns a dataset with ``num_classes``, ``class_names``,
+``in_chans``, ``spatial_dims``, ``task`` and ``ignore_index``. An item is a sample dict, or a list of sample
+dicts when a 3D random crop draws several per volume (``data.volume.crop.num_samples``).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from typing import Any
 
 import torch
 
-from attnseg.datasets import folder2d, synthetic  # noqa: F401  (registers the datasets)
+from attnseg.datasets import decathlon, folder2d, synthetic  # noqa: F401  (registers the datasets)
 from attnseg.errors import DataError
 from attnseg.registry import DATASETS
 
@@ -28,14 +30,18 @@ def build_dataset(name: str, split: str, transform: Callable[[dict], dict] | Non
     return DATASETS.get(name)(split=split, transform=transform, **kwargs)
 
 
-def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+def collate(samples: list[dict[str, Any] | list[dict[str, Any]]]) -> dict[str, Any]:
     """Batch sample dicts: tensors are stacked (``image`` ``[B, C, *spatial]``, ``mask`` ``[B, *spatial]``,
     ``label`` ``[B]``), anything else (``meta``) becomes a list.
+
+    Items that are lists of samples (several random crops of one volume) are flattened first, so a batch of
+    ``batch_size`` such items holds ``batch_size * num_samples`` samples.
 
     Raises:
         DataError: when tensors differ in shape, naming the sample ids and shapes (set ``augment.crop_size``,
             or use batch size 1 for images of different sizes).
     """
+    samples = [s for item in samples for s in (item if isinstance(item, list) else [item])]
     if not samples:
         raise DataError("collate: empty batch")
     out: dict[str, Any] = {}
