@@ -27,7 +27,9 @@ submodule, e.g. the backbone of a Segmentor):
   attnseg adds, e.g. MambaOut's ``pyramid_norms.``); they keep their initialisation and are listed in
   ``report.initialized``, never an error;
 - ``head_key_prefixes``: prefixes of checkpoint keys that belong to a classification head; dropped and
-  reported when the module has no such keys (built with ``num_classes=0``).
+  reported when the module has no such keys (built with ``num_classes=0``);
+- ``input_conv_keys``: first-conv weights that may come from a model with another number of input channels;
+  a weight that differs only there is adapted (:func:`adapt_input_conv`) and reported in ``report.adapted``.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from torch import nn
 
 from attnseg.errors import CheckpointError
 
-__all__ = ["LoadReport", "load_pretrained", "read_state_dict", "save_state_dict_atomic"]
+__all__ = ["LoadReport", "adapt_input_conv", "load_pretrained", "read_state_dict", "save_state_dict_atomic"]
 
 _WRAPPER_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model", "module")
 _PREFIXES = ("model.", "module.", "_orig_mod.", "backbone.")
@@ -65,6 +67,7 @@ class LoadReport:
         initialized: model keys that published checkpoints lack by design (``new_key_prefixes``).
         ignored: checkpoint keys set aside with a wrapper prefix (e.g. a decoder's keys when a Segmentor
             checkpoint is loaded into a bare backbone).
+        adapted: first-conv weights adapted to the model's input channels (``input_conv_keys``).
         converted: the converter family applied, if any.
     """
 
@@ -74,11 +77,12 @@ class LoadReport:
     dropped: list[str] = field(default_factory=list)
     initialized: list[str] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
+    adapted: list[str] = field(default_factory=list)
     converted: str | None = None
 
     def __str__(self) -> str:
         parts = [f"converted from the {self.converted} layout"] if self.converted else []
-        for name in ("missing", "unexpected", "mismatched", "dropped", "initialized", "ignored"):
+        for name in ("missing", "unexpected", "mismatched", "dropped", "initialized", "ignored", "adapted"):
             items = getattr(self, name)
             if items:
                 parts.append(f"{name} ({len(items)}): {_abbrev(items)}")
@@ -259,6 +263,9 @@ def load_pretrained(
                 else:
                     sd = {**{k: v for k, v in sd.items() if not k.startswith(scope)},
                           **{scope + k: v for k, v in converted.items()}}
+                # a converter may name a whole model (``backbone.*``/``head.*``) while loading into its backbone
+                sd, set_aside = _strip_prefixes(sd, model_keys)
+                report.ignored += set_aside
     if bare and _fit(set(sd), scope_keys) > _fit(set(sd), model_keys):
         sd = {scope + k: v for k, v in sd.items()}
 
@@ -266,6 +273,7 @@ def load_pretrained(
     num_classes = getattr(model, "num_classes", None)
     new_prefixes = _declared(model, "new_key_prefixes")
     head_prefixes = _declared(model, "head_key_prefixes")
+    input_convs = set(_declared(model, "input_conv_keys"))
     loadable: dict[str, torch.Tensor] = {}
     for key, value in sd.items():
         if key not in model_sd:
@@ -276,6 +284,9 @@ def load_pretrained(
         elif tuple(value.shape) != tuple(model_sd[key].shape):
             if key in classifier or _is_class_layer(value.shape, model_sd[key].shape, num_classes):
                 report.dropped.append(key)
+            elif key in input_convs and _only_in_channels_differ(value.shape, model_sd[key].shape):
+                loadable[key] = adapt_input_conv(value, model_sd[key].shape[1])
+                report.adapted.append(f"{key}: {value.shape[1]} -> {model_sd[key].shape[1]} input channels")
             else:
                 report.mismatched.append((key, tuple(value.shape), tuple(model_sd[key].shape)))
         else:
@@ -302,6 +313,30 @@ def load_pretrained(
         raise CheckpointError(f"{path} does not match {type(model).__name__}: {report}")
     model.load_state_dict(loadable, strict=False)
     return report
+
+
+def _only_in_channels_differ(ckpt_shape: torch.Size, model_shape: torch.Size) -> bool:
+    return len(ckpt_shape) == len(model_shape) >= 3 and ckpt_shape[0] == model_shape[0] and tuple(
+        ckpt_shape[2:]) == tuple(model_shape[2:])
+
+
+def adapt_input_conv(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
+    """A first-conv weight ``[out, c, *k]`` for ``in_chans`` inputs (timm's ``adapt_input_conv`` rule).
+
+    One input channel from several: their sum. Several from fewer: the channels repeated cyclically and scaled by
+    ``c / in_chans``, so an input that repeats one image over every channel gives the response it gave before.
+
+    Example::
+
+        >>> w = torch.ones(2, 1, 3, 3)
+        >>> adapt_input_conv(w, 4).shape, float(adapt_input_conv(w, 4).sum(1)[0, 0, 0])
+        (torch.Size([2, 4, 3, 3]), 1.0)
+    """
+    c = weight.shape[1]
+    if in_chans == 1:
+        return weight.sum(dim=1, keepdim=True)
+    repeat = -(-in_chans // c)
+    return weight.repeat(1, repeat, *([1] * (weight.dim() - 2)))[:, :in_chans] * (c / in_chans)
 
 
 def _is_class_layer(ckpt_shape: torch.Size, model_shape: torch.Size, num_classes: int | None) -> bool:
