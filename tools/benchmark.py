@@ -11,6 +11,9 @@ say why.
 ``python tools/benchmark.py models [--families halonet,biformer,nat] [--biformer-repo PATH] [--nat-repo PATH]``:
 CPU inference of every backbone variant against its reference implementation (tools/bench_models.py).
 
+``python tools/benchmark.py swin-unetr``: Swin UNETR 3D (feature_size 48) forward on 96³ and sliding-window
+inference on 128³ against MONAI's SwinUNETR carrying the same weights (tools/bench_swin_unetr.py).
+
 ``python tools/benchmark.py ops-gpu``: the same shapes on a CUDA GPU (batch 1 and 32, fp16 and fp32): the
 ``triton`` backend against natten (when installed) and full attention through SDPA, plus each case's
 memory-bandwidth floor: the bytes an ideal fused kernel moves (q, k, v read once, the output written once,
@@ -334,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None and any(os.environ.get(k) != v for k, v in STEADY_MALLOC.items()):
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **STEADY_MALLOC})
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("suite", choices=["ops", "ops-gpu", "models"])
+    parser.add_argument("suite", choices=["ops", "ops-gpu", "models", "swin-unetr"])
     parser.add_argument("--quick", action="store_true", help="2D case only (ops)")
     parser.add_argument("--families", default="halonet,biformer,nat", help="models: comma-separated families")
     parser.add_argument("--biformer-repo", help="models: a local checkout of rayleizhu/BiFormer (the reference)")
@@ -345,6 +348,10 @@ def main(argv: list[str] | None = None) -> int:
         body = render(bench_ops(args.quick))
     elif args.suite == "ops-gpu":
         body = render_gpu(bench_ops_gpu())
+    elif args.suite == "swin-unetr":
+        from bench_swin_unetr import bench_swin_unetr, render_swin_unetr
+
+        body = render_swin_unetr(bench_swin_unetr())
     else:
         from bench_models import bench_models, render_models
 

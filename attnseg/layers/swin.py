@@ -159,7 +159,8 @@ class WindowAttention(nn.Module):
     def position_bias(self, n: int) -> torch.Tensor:
         """``[heads, n, n]``: the bias of a window of ``n`` tokens (top-left corner of the full index, as MONAI)."""
         index = self.relative_position_index[:n, :n].reshape(-1)
-        return self.relative_position_bias_table[index].view(n, n, -1).permute(2, 0, 1)
+        # contiguous, so that adding the shift mask gives a contiguous [nW, heads, n, n] (no copy before SDPA)
+        return self.relative_position_bias_table[index].view(n, n, -1).permute(2, 0, 1).contiguous()
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """``x [B * nW, n, C]``; ``mask [nW, n, n]`` (shifted windows) or None."""
@@ -169,7 +170,8 @@ class WindowAttention(nn.Module):
         bias = self.position_bias(n).to(q.dtype)  # [heads, n, n]
         dropout = self.attn_drop if self.training else 0.0
         if mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=self.scale)
+            # a 4D mask: with [heads, n, n] PyTorch's CPU dispatch falls back to the unfused math kernel (4x slower)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias[None], dropout_p=dropout, scale=self.scale)
         else:
             nw = mask.shape[0]
             # One [B, nW * heads, n, n] problem whose mask [1, nW * heads, n, n] broadcasts over the batch.

@@ -5,7 +5,14 @@ import torch
 from torch import nn
 
 from attnseg.layers.dims import conv_transpose_type, conv_type, dropout_type, interp_mode, norm_layer, pool_type
-from attnseg.layers.unet_blocks import UnetBasicBlock, UnetOutBlock, UnetrBasicBlock, UnetResBlock, UnetrUpBlock
+from attnseg.layers.unet_blocks import (
+    UnetBasicBlock,
+    UnetOutBlock,
+    UnetrBasicBlock,
+    UnetResBlock,
+    UnetrUpBlock,
+    non_overlapping_conv_transpose,
+)
 
 monai_blocks = pytest.importorskip("monai.networks.blocks")
 dynunet = pytest.importorskip("monai.networks.blocks.dynunet_block")
@@ -108,3 +115,12 @@ def test_dims_docstring_examples():
 
     result = doctest.testmod(attnseg.layers.dims, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0
+
+
+@pytest.mark.parametrize("dims, k", [(1, 2), (2, 2), (3, 2), (2, (2, 3)), (3, (1, 2, 2))])
+def test_non_overlapping_transposed_conv_equals_pytorch(dims, k):
+    ks = (k,) * dims if isinstance(k, int) else k
+    x = torch.randn(2, 5, *[3 + i for i in range(dims)])
+    w, b = torch.randn(5, 4, *ks), torch.randn(4)
+    conv = getattr(torch.nn.functional, f"conv_transpose{dims}d")
+    assert torch.allclose(non_overlapping_conv_transpose(x, w, b), conv(x, w, b, stride=ks), atol=1e-5)

@@ -147,7 +147,8 @@ def _swin_unetr_parity(dims: int, size: int, in_chans: int):
     hidden = _feats([fs, 2 * fs, 4 * fs, 8 * fs, 16 * fs], [2, 4, 8, 16, 32], size, dims=dims)
     ref.swinViT = _FixedHidden(hidden)
     with torch.no_grad():
-        torch.testing.assert_close(head(hidden, x), ref(x), rtol=0, atol=0)
+        # float rounding only: the up-steps' transposed convs run as one matmul each (non_overlapping_conv_transpose)
+        torch.testing.assert_close(head(hidden, x), ref(x), rtol=1e-5, atol=1e-5)
 
 
 def test_swin_unetr_decoder_parity_2d():
