@@ -249,3 +249,22 @@ def test_registered_names():
     assert {"swinvit_tiny", "swinvit_small", "swinvit_base", "test_swinvit"} <= set(BACKBONES.names())
     assert BACKBONES.get("swinvit_small")(spatial_dims=2).feature_size == 24
     assert MODELS.get("swin_unetr_v2")(spatial_dims=2, feature_size=12).backbone.use_v2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["swin_unetr_tiny_synthetic3d.yaml", "swin_unetr_v2_tiny_synthetic3d.yaml"])
+def test_synthetic3d_configs_train_with_sliding_window_validation(tmp_path, config):
+    import csv
+
+    from attnseg.engine.runner import train
+
+    cfg = load_config(REPO_ROOT / "configs" / "swin_unetr" / config, [
+        f"work_dir={tmp_path}", "data.dataset.num_train=4", "data.dataset.num_val=1", "data.dataset.num_test=1",
+        "data.dataset.image_size=[40,40,40]", "trainer.max_epochs=4", "trainer.progress_bar=none",
+        "trainer.loggers=[csv]", "trainer.accelerator=cpu", "trainer.devices=1", "scheduler.warmup_ratio=0.0"])
+    result = train(cfg)
+    assert result["global_step"] == 8
+    assert 0.0 <= result["metrics"]["val/mDice"] <= 1.0  # whole 40³ volumes through 32³ Gaussian-blended windows
+    with open(tmp_path / "logs" / "metrics.csv") as f:
+        epochs = [float(r["train/loss_epoch"]) for r in csv.DictReader(f) if r.get("train/loss_epoch")]
+    assert len(epochs) == 4 and epochs[-1] < epochs[0]
