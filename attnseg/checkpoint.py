@@ -6,8 +6,10 @@ timm/mm-style files:
 1. Read: ``.safetensors`` with ``safetensors.torch.load_file``; anything else (``.pth``, ``.pt``,
    ``.ckpt``, ``.bin``) with ``torch.load(map_location='cpu', weights_only=True)``. A pickle that needs
    code execution is refused (:class:`~attnseg.errors.CheckpointError`), and nothing in it runs.
-2. Unwrap ``{'state_dict_ema'|'model_ema'|'state_dict'|'model'|'module': ...}`` (nested up to 3 deep; the
-   EMA weights win when a timm training checkpoint holds both, as in timm's ``load_checkpoint``).
+2. Unwrap ``{'state_dict_ema'|'model_ema'|'state_dict'|'model'|'module'|'model_weights': ...}`` (nested up to 3
+   deep; the EMA weights win when a timm training checkpoint holds both, as in timm's ``load_checkpoint``;
+   ``model_weights`` is Att-SwinU-Net's trainer). NumPy scalars saved beside the weights (a metric such as
+   ``test_F1_score``) are read as data, not refused.
 3. Strip wrapper prefixes the model lacks: ``model.`` (Lightning task), ``module.`` (DDP),
    ``_orig_mod.`` (``torch.compile``), ``backbone.`` (mm-style dense checkpoints, or an attnseg Segmentor
    loaded into a bare backbone). Keys outside the kept prefix (a decoder, a loss buffer) are set aside and
@@ -49,7 +51,7 @@ from attnseg.errors import CheckpointError
 
 __all__ = ["LoadReport", "adapt_input_conv", "load_pretrained", "read_state_dict", "save_state_dict_atomic"]
 
-_WRAPPER_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model", "module")
+_WRAPPER_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model", "module", "model_weights")
 _PREFIXES = ("model.", "module.", "_orig_mod.", "backbone.")
 
 
@@ -115,7 +117,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"cannot read checkpoint {path}: not a PyTorch file (neither a torch.save zip archive "
                               "nor a pickle) and not named .safetensors")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_numpy_scalar_globals()):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         m = re.search(r"WeightsUnpickler error:\s*(.*?)(?:\n\n|$)", str(e), flags=re.DOTALL)
         reason = (m.group(1) if m else str(e).splitlines()[0]).strip().split(". ")[0][:200]
@@ -127,6 +130,18 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     except Exception as e:  # noqa: BLE001 - truncated zip, corrupt records, ...
         raise CheckpointError(f"cannot read checkpoint {path}: {e}") from None
     return _unwrap(obj, path)
+
+
+def _numpy_scalar_globals() -> list[Any]:
+    """What unpickling a NumPy number needs (``multiarray.scalar`` from a numeric dtype and its bytes; NumPy 1 and 2
+    names): research trainers save metrics such as an F1 score as ``np.float64`` beside the weights."""
+    try:
+        import numpy as np
+    except ImportError:
+        return []
+    scalar = (getattr(np, "_core", None) or np.core).multiarray.scalar  # NumPy 2 / NumPy 1
+    dtypes = {type(np.dtype(c)) for c in "?bhilqBHILQefdFD"}
+    return [(scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar"), np.dtype, *dtypes]
 
 
 def _looks_like_torch_file(path: Path) -> bool:

@@ -68,6 +68,27 @@ def test_formats_round_trip(tmp_path, wrap):
         assert report.ignored == (["decode_head.conv_seg.weight"] if wrap == "backbone_prefix" else ["head.out.weight"])
 
 
+@pytest.mark.parametrize("numpy_module", ["numpy._core", "numpy.core"])
+def test_att_swin_unet_trainer_file_with_a_numpy_metric(tmp_path, numpy_module):
+    # NITR098/AttSwinUNet saves {'model_weights': sd, 'test_F1_score': sklearn's np.float64}; NumPy 1 pickles name
+    # numpy.core.multiarray.scalar, NumPy 2 pickles numpy._core.multiarray.scalar
+    import zipfile
+
+    import numpy as np
+
+    src, dst = _perturbed(_model(num_classes=4)), _model(num_classes=4)
+    torch.save({"model_weights": src.state_dict(), "test_F1_score": np.float64(0.9173), "epoch": np.int64(15)},
+               tmp_path / "raw.model")
+    with zipfile.ZipFile(tmp_path / "raw.model") as zin, zipfile.ZipFile(tmp_path / "w.model", "w") as zout:
+        for item in zin.infolist():
+            data = zin.read(item.filename)
+            if item.filename.endswith("data.pkl"):
+                data = data.replace(b"numpy._core.multiarray", numpy_module.encode() + b".multiarray")
+            zout.writestr(item, data)
+    report = load_pretrained(dst, tmp_path / "w.model")
+    assert _same(src, dst) and not report.missing and not report.unexpected
+
+
 def test_lightning_checkpoint_into_a_segmentor(tmp_path):
     src, dst = _perturbed(_Seg()), _Seg()
     torch.save({"state_dict": {f"model.{k}": v for k, v in src.state_dict().items()}, "epoch": 2}, tmp_path / "l.ckpt")
