@@ -35,12 +35,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from attnseg.layers.dims import conv_type
 from attnseg.layers.drop import DropPath
 from attnseg.layers.mlp import Mlp
 from attnseg.registry import suggest
 
 __all__ = ["clip_window", "window_partition", "window_reverse", "relative_position_index", "shifted_window_mask",
-           "WindowAttention", "SwinBlock", "PatchMerging", "MERGE_ORDERS"]
+           "PatchEmbed", "WindowAttention", "SwinBlock", "PatchMerging", "MERGE_ORDERS"]
 
 MASK_VALUE = -100.0  # both official codes; -inf would change outputs where a padded window row is all masked
 
@@ -120,6 +121,34 @@ def shifted_window_mask(size: Sequence[int], window: Sequence[int], shift: Seque
     windows = window_partition(region[None, ..., None], window)[..., 0]  # [nW, N]
     same = windows[:, None, :] == windows[:, :, None]
     return torch.zeros(same.shape, device=device).masked_fill_(~same, MASK_VALUE)
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patch embedding: ``[B, C_in, *S] -> [B, *ceil(S / p), C]`` channels-last.
+
+    The input is zero-padded on the far side to whole patches (MONAI, and Microsoft's detection Swin), then a
+    ``p``-strided conv with bias (``proj``) and an optional LayerNorm (``norm``). Keys are both official codes'.
+
+    Example::
+
+        >>> PatchEmbed(3, 8, patch_size=4)(torch.randn(1, 3, 10, 16)).shape
+        torch.Size([1, 3, 4, 8])
+    """
+
+    def __init__(self, in_chans: int, embed_dim: int, patch_size: int, spatial_dims: int = 2, norm: bool = True) -> None:
+        super().__init__()
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+        self.patch_size = patch_size
+        self.proj = conv_type(spatial_dims)(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.norm = nn.LayerNorm(embed_dim) if norm else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pad = [-n % self.patch_size for n in x.shape[2:]]
+        if any(pad):
+            x = F.pad(x, [v for p in reversed(pad) for v in (0, p)])
+        x = self.proj(x).movedim(1, -1)  # [B, C, *S/p] -> [B, *S/p, C]
+        return self.norm(x) if self.norm is not None else x
 
 
 class WindowAttention(nn.Module):

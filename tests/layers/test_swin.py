@@ -5,9 +5,11 @@ import math
 import pytest
 import torch
 from monai.networks.nets import swin_unetr as monai_swin
+from torch import nn
 
 from attnseg.layers.swin import (
     MERGE_ORDERS,
+    PatchEmbed,
     PatchMerging,
     SwinBlock,
     WindowAttention,
@@ -136,3 +138,23 @@ def test_patch_merging_2d_equals_monai_and_pads_odd_sizes():
         out = ours(x)
     assert out.shape == (2, 4, 5, 12)
     assert torch.allclose(out, ref(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("spatial_dims, size, norm", [(2, (10, 17), True), (3, (5, 8, 7), True), (2, (8, 8), False)])
+def test_patch_embed_equals_monai_and_pads_the_far_side(spatial_dims, size, norm):
+    from monai.networks.blocks.patchembedding import PatchEmbed as MonaiPatchEmbed
+
+    ref = MonaiPatchEmbed(4, 3, 8, nn.LayerNorm if norm else None, spatial_dims)
+    _perturb(ref)
+    ours = PatchEmbed(3, 8, patch_size=4, spatial_dims=spatial_dims, norm=norm)
+    ours.load_state_dict(ref.state_dict())  # same keys: proj.*, norm.*
+    x = torch.randn(2, 3, *size)
+    with torch.no_grad():
+        out = ours(x)
+    assert out.shape == (2, *(-(-n // 4) for n in size), 8)  # channels-last, ceil(S / 4)
+    assert torch.allclose(out, ref(x).movedim(1, -1), atol=1e-6)
+    # the last patch of each axis sees zeros beyond the input: it equals the embedding of the zero-padded image
+    padded = torch.nn.functional.pad(x, [v for n in reversed(size) for v in (0, -n % 4)])
+    assert torch.allclose(out, ours(padded), atol=1e-6)
+    with pytest.raises(ValueError, match="spatial_dims must be 2 or 3"):
+        PatchEmbed(3, 8, 4, spatial_dims=1)
