@@ -182,7 +182,7 @@ class AttSwinUNet(Segmentor):
 
 # Hyper-parameters of the published configurations (the model's data, not code).
 _VARIANTS: dict[str, dict[str, Any]] = {
-    # configs/swin_tiny_patch4_window7_224_lite.yaml + configs/swin_attention_unet.py: 32.69 M parameters with CCA
+    # configs/swin_tiny_patch4_window7_224_lite.yaml + configs/swin_attention_unet.py (official: 32.69 M with CCA)
     "tiny": {"embed_dim": 96, "depths": (2, 2, 2, 2), "num_heads": (3, 6, 12, 24), "window_size": 7},
     # the parity fixture's reduced model
     "test": {"embed_dim": 8, "depths": (2, 2, 2, 2), "num_heads": (1, 2, 4, 8), "window_size": 7},
@@ -213,7 +213,8 @@ def _create_att_swin_unet(variant: str, in_chans: int, num_classes: int, kwargs:
 @MODELS.register()
 def att_swin_unet_tiny(in_chans: int = 3, num_classes: int = 1, **kwargs: Any) -> AttSwinUNet:
     """Att-SwinU-Net, the published lite Swin-T configuration (embed 96, depths 2-2-2-2, heads 3-6-12-24, window 7;
-    32.69 M parameters with 9 classes, as the official model).
+    32.68 M parameters with 9 classes: the official model's 32.69 M less its unused second patch embedding and
+    decoder norm).
 
     ``kwargs``: ``cca_mode`` (``"faithful"`` default / ``"broadcast"``), ``skip_levels`` (0-3, default 3),
     ``img_size`` (default 224; None for no mask buffers), ``drop_path_rate`` (default 0.1, as the official code),
