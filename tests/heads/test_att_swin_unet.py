@@ -7,13 +7,14 @@ import torch
 
 import attnseg.heads.att_swin_unet as head_module
 import attnseg.models.att_swin_unet as model_module
+from attnseg import build_model, load_config
 from attnseg.convert.att_swin_unet import convert_cross_transformer
 from attnseg.errors import InputSizeError
 from attnseg.heads.att_swin_unet import AttSwinUNetHead, CrossContextAttention, PatchExpand
 from attnseg.models import Segmentor
 from attnseg.models.att_swin_unet import AttSwinUNet, SwinUnetEncoder
 from attnseg.registry import BACKBONES, HEADS, MODELS
-from tests.conftest import load_fixture
+from tests.conftest import REPO_ROOT, load_fixture
 
 
 def _perturbed(module, scale=0.2, seed=0):
@@ -230,6 +231,19 @@ def test_pairing_argument_errors():
         MODELS.get("test_att_swin_unet")(feature_size=12)
     with pytest.raises(ValueError, match="skip_levels must be an int"):
         MODELS.get("test_att_swin_unet")(skip_levels=5)
+
+
+@pytest.mark.slow  # full-size models: about 7 s each on 2 cores
+@pytest.mark.parametrize("config, classes, adapted", [
+    ("att_swin_unet_tiny_skin_binary.yaml", 1, [False] * 4),
+    ("att_swin_unet_tiny_skin_multiclass.yaml", 3, [False] * 4),
+    ("mambaout_tiny_att_swin_unet_skin_binary.yaml", 1, [False, False, False, True]),  # 576 -> 768 at stride 32
+])
+def test_shipped_configs_build_and_run_at_odd_sizes(config, classes, adapted):
+    model = build_model(load_config(REPO_ROOT / "configs" / "att_swin_unet" / config)).eval()
+    assert [not isinstance(a, torch.nn.Identity) for a in model.head.adapters] == adapted
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 97, 131)).shape == (1, classes, 97, 131)
 
 
 @pytest.mark.parametrize("module", [head_module, model_module])
