@@ -17,6 +17,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from attnseg.checkpoint import save_state_dict_atomic
@@ -149,6 +150,29 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise CheckpointError(f"cannot load checkpoint {path}: {e}") from None
 
 
+class EveryEpochLastCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` whose ``last.ckpt`` follows every epoch.
+
+    Lightning 2.6 writes ``last.ckpt`` only in a step that also wrote a top-k checkpoint, so an epoch whose
+    monitored metric did not improve left ``last.ckpt`` at an older epoch, and ``--resume`` repeated epochs.
+    """
+
+    def _save_missed_last(self, trainer: pl.Trainer, at_train_epoch_end: bool) -> None:
+        # Only in the hook the parent saves in (train epoch end, or validation end when validation runs later),
+        # and not when the parent already saved at this step (nor in sanity checks or outside fit).
+        if not self._should_skip_saving_checkpoint(trainer) and \
+                self._should_save_on_train_epoch_end(trainer) == at_train_epoch_end:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        self._save_missed_last(trainer, True)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        self._save_missed_last(trainer, False)
+
+
 def work_dir_for(cfg: ExperimentConfig) -> Path:
     if cfg.work_dir:
         return Path(cfg.work_dir)
@@ -165,13 +189,13 @@ def _monitor(cfg: ExperimentConfig) -> str:
 def build_trainer(cfg: ExperimentConfig, work_dir: Path, *, for_test: bool = False,
                   callbacks: list[pl.Callback] | None = None) -> pl.Trainer:
     """A Lightning ``Trainer`` from ``cfg.trainer`` writing checkpoints and logs under ``work_dir``."""
-    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+    from lightning.pytorch.callbacks import LearningRateMonitor
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
     t = cfg.trainer
     callbacks = list(callbacks or [])
     if not for_test:
-        callbacks.append(ModelCheckpoint(
+        callbacks.append(EveryEpochLastCheckpoint(
             dirpath=work_dir / "checkpoints", filename="best-{epoch:03d}", monitor=_monitor(cfg),
             mode=t.checkpoint.mode, save_top_k=t.checkpoint.save_top_k, save_last=True,
             every_n_epochs=t.checkpoint.every_n_epochs, auto_insert_metric_name=False,
