@@ -255,6 +255,7 @@ class Decathlon(Dataset):
                 raise DataError(f"decathlon: {self.json_path}: the case '{case.id}' ({case.images[0]}) is listed "
                                 f"twice in 'training'/'validation' (set json_validation: false when 'validation' "
                                 f"repeats 'training' cases)")
+            seen.add(case.images[0])
 
     def _select(self, split: str, training: list[Any], validation: list[Any], testing: list[Any], val_ratio: float,
                 test_ratio: float, fold: int | None, num_folds: int, seed: int) -> list[Any]:
