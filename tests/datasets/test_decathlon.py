@@ -389,3 +389,23 @@ def test_resumed_training_draws_the_same_crops(tmp_path, tiny_model):
     other = train(_train_config(tmp_path / "other", root, max_epochs=4), resume=False)
     c = torch.load(other["last_checkpoint"], weights_only=True)["state_dict"]
     assert all(torch.equal(a[k], c[k]) for k in a)  # seeded: two runs are identical
+
+
+def test_base_config_builds_every_split(folder):
+    from pathlib import Path
+
+    from attnseg.config import apply_overrides, deep_merge, load_yaml_with_bases, validate_config
+    from attnseg.engine.runner import build_dataset as runner_dataset
+
+    base = Path(__file__).resolve().parents[2] / "configs" / "_base_" / "datasets" / "decathlon.yaml"
+    data = deep_merge(load_yaml_with_bases(base), {"model": {"backbone": {"name": "test_mambaout"},
+                                                             "head": {"name": "unetr"}, "num_classes": 3}})
+    cfg = validate_config(apply_overrides(data, [f"data.dataset.root={folder}", "data.dataset.cache_num_workers=1",
+                                                 "data.volume.crop.spatial_size=[16,16,16]"]))
+    assert cfg.evaluation.roi_size == [96, 96, 96] and cfg.data.volume.spacing.pixdim == (1.5, 1.5, 2.0)
+    crops = runner_dataset(cfg, "train")[0]
+    assert len(crops) == 4 and all(c["image"].shape == (1, 16, 16, 16) for c in crops)
+    val = runner_dataset(cfg, "val")
+    s = val[0]
+    assert s["image"].min() >= 0 and s["image"].max() <= 1 and s["meta"]["spacing"] == pytest.approx((1.5, 1.5, 2))
+    assert _ids(runner_dataset(cfg, "test")) == _ids(val) and len(val) == 1  # val_ratio 0.2 of 6 cases

@@ -218,3 +218,18 @@ def test_synthetic3d_with_the_volume_section_through_the_runner():
     val = next(iter(build_dataloader(cfg, build_dataset(cfg, "val"), "val")))
     assert val["image"].shape == (2, 1, 16, 16, 16)  # whole volumes in evaluation
     assert cfg.data.training_crop == [8, 8, 8]  # the sliding window's default roi
+
+
+def test_synthetic3d_volume_base_config_gives_flattened_crop_batches():
+    from pathlib import Path
+
+    from attnseg.config import apply_overrides, deep_merge, load_yaml_with_bases
+    from attnseg.engine.runner import build_dataloader, build_dataset
+
+    base = Path(__file__).resolve().parents[2] / "configs" / "_base_" / "datasets" / "synthetic3d_volume.yaml"
+    data = deep_merge(load_yaml_with_bases(base), {"model": {"backbone": {"name": "test_mambaout"},
+                                                             "head": {"name": "unetr"}}})
+    cfg = validate_config(apply_overrides(data, ["data.dataset.num_train=2", "data.dataset.num_val=1"]))
+    assert cfg.data.augment is None and cfg.data.training_crop == [32, 32, 32] and cfg.evaluation.sliding_window
+    batch = next(iter(build_dataloader(cfg, build_dataset(cfg, "train"), "train")))
+    assert batch["image"].shape == (4, 1, 32, 32, 32)  # batch_size 2 x num_samples 2
