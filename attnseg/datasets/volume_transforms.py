@@ -32,8 +32,9 @@ Seeding: MONAI's random transforms draw from their own ``numpy.random.RandomStat
 augmentation re-seeds all of them from one draw of torch's global generator. They therefore follow the same
 seeding as every other attnseg transform: ``seed_everything`` at start, torch's per-worker seeds in data-loader
 workers (different crops in each worker), and the torch RNG state that training checkpoints save and restore,
-so a resumed run draws the crops an uninterrupted one would (exactly so with ``num_workers: 0``; with workers,
-torch's per-epoch worker seeds come from the restored main-process state).
+so with ``num_workers: 0`` a resumed run draws the crops an uninterrupted one would (tested). Data-loader
+workers are seeded by torch when they start (the runner keeps them for the whole run), so with workers a
+resumed run is reproducible but draws other crops than the uninterrupted one.
 """
 
 from __future__ import annotations
