@@ -233,3 +233,12 @@ def test_synthetic3d_volume_base_config_gives_flattened_crop_batches():
     assert cfg.data.augment is None and cfg.data.training_crop == [32, 32, 32] and cfg.evaluation.sliding_window
     batch = next(iter(build_dataloader(cfg, build_dataset(cfg, "train"), "train")))
     assert batch["image"].shape == (4, 1, 32, 32, 32)  # batch_size 2 x num_samples 2
+
+
+def test_docstring_example_runs():
+    import doctest
+
+    import attnseg.datasets.volume_transforms as module
+
+    result = doctest.testmod(module, extraglobs={"torch": torch}, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0
