@@ -4,13 +4,14 @@ Side by side in one run, both models carrying the same weights (MONAI's state_di
 :mod:`attnseg.convert.swin_unetr`): the 3D "base" model (feature_size 48, 1 -> 14 channels, BTCV's layout) on a
 96³ patch, and sliding-window inference over a 128³ volume (96³ windows, overlap 0.5, Gaussian blending; MONAI's
 ``sliding_window_inference`` drives both predictors). Reported: seconds per call (median, the two models taking
-turns call by call), the largest absolute difference between the two outputs, and the peak memory of a fresh
-process building the model and making one call (RSS growth).
+turns call by call), the largest absolute difference between the two outputs, and the peak memory of one call
+in a fresh process (RSS growth after the model is built).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -54,22 +55,30 @@ def predictor(model: torch.nn.Module, roi: tuple[int, ...] | None):
     return run
 
 
+# Freed memory goes back to the OS at once in the memory-measuring process, so that its resident size follows the
+# live tensors (glibc otherwise keeps freed blocks, differently for different allocation patterns).
+PROMPT_RELEASE_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+
+
 def peak_mib(kind: str, case: str) -> float | None:
-    """RSS growth of a fresh process building ``kind`` and running ``case`` once."""
+    """Peak RSS growth of a fresh process making one ``case`` call with ``kind`` (after building it: the weights,
+    the same in both models, are not counted; building attnseg's briefly holds MONAI's model too)."""
     code = (
-        "import sys, torch\n"
+        "import gc, sys, torch\n"
         f"sys.path.insert(0, {str(REPO / 'tools')!r})\n"
         "from benchmark import rss_kib\n"
         "from bench_swin_unetr import build, predictor, CASES\n"
         f"size, roi = CASES[{case!r}]\n"
         "x = torch.randn(1, 1, *size)\n"
-        "base = rss_kib(reset_peak=True)\n"
         f"run = predictor(build({kind!r}), roi)\n"
+        "gc.collect()\n"
+        "base = rss_kib(reset_peak=True)\n"
         "with torch.inference_mode():\n"
         "    run(x)\n"
         "print((rss_kib(peak=True) - base) / 1024)\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=3600, cwd=REPO)
+    env = {**os.environ, **PROMPT_RELEASE_MALLOC}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=3600, cwd=REPO, env=env)
     return float(proc.stdout.split()[-1]) if proc.returncode == 0 else None
 
 
@@ -109,7 +118,9 @@ def render_swin_unetr(rows: list[dict[str, Any]]) -> str:
         f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
         f"MONAI {monai.__version__}. Model: feature_size 48, 1 -> 14 channels (BTCV's \"base\"), batch 1, the same "
         "weights in both (MONAI's, converted). Seconds = median over the reps column's calls after one warm-up, the "
-        "two models taking turns; peak = RSS growth of a fresh process building the model and making one call.",
+        "two models taking turns; peak = RSS growth of a fresh process during one call, after building the model "
+        "(activations and work buffers; the weights are the same in both), with glibc returning freed memory at "
+        "once so that the resident size follows the live tensors.",
         "",
         "| case | attnseg s | MONAI s | speed ratio | max abs diff (output max) | attnseg peak MiB | MONAI peak MiB | reps |",
         "|---|---|---|---|---|---|---|---|",
