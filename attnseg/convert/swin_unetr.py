@@ -91,10 +91,11 @@ def convert_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
 
 
 # MONAI SwinUNETR argument -> attnseg (swin_unetr / SwinViT) argument
-_RENAMED = {"in_channels": "in_chans", "out_channels": "num_classes", "dropout_path_rate": "drop_path_rate"}
+_RENAMED = {"in_channels": "in_chans", "out_channels": "num_classes", "dropout_path_rate": "drop_path_rate",
+            "use_checkpoint": "grad_checkpointing"}
 _KEPT = ("feature_size", "spatial_dims", "depths", "num_heads", "window_size", "patch_size", "qkv_bias", "mlp_ratio",
          "drop_rate", "attn_drop_rate", "normalize", "patch_norm", "use_v2", "downsample", "norm_name")
-_IGNORED = ("use_checkpoint", "img_size")  # checkpointing does not change outputs; img_size was only checked
+_IGNORED = ("img_size",)  # MONAI <= 1.4 only checked it
 
 
 def from_official(constructor: dict[str, Any], state_dict: dict[str, Any]) -> nn.Module:
