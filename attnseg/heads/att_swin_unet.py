@@ -68,7 +68,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from attnseg.backbones._common import init_linear_layernorm
-from attnseg.errors import InputSizeError
+from attnseg.heads._common import check_head_inputs, label_map
 from attnseg.layers.drop import drop_path_rates
 from attnseg.layers.swin import SwinBlock, clip_window
 from attnseg.registry import HEADS, suggest
@@ -361,7 +361,7 @@ class AttSwinUNetHead(nn.Module):
         self.apply(init_linear_layernorm)  # the official init (convs keep PyTorch's)
 
     def forward(self, features: Sequence[torch.Tensor], image: torch.Tensor) -> torch.Tensor:
-        self._check_inputs(features, image)
+        check_head_inputs(self, features, image, None)
         maps = [adapter(f.movedim(1, -1)) for adapter, f in zip(self.adapters, features)]  # [B, H_i, W_i, C_i]
         x = self.expand(maps[-1])  # [B, H/16, W/16, 4C] for 4 levels
         for i in range(len(self.levels) - 1, -1, -1):
@@ -369,25 +369,9 @@ class AttSwinUNetHead(nn.Module):
         x = self.final_expand(self.norm(x))  # [B, H, W, C]
         return self.output(x.movedim(-1, 1))  # [B, num_classes, H, W]
 
-    def _check_inputs(self, features: Sequence[torch.Tensor], image: torch.Tensor) -> None:
-        if image.dim() != 4:
-            raise InputSizeError(f"AttSwinUNetHead expects an image [B, C, H, W], got {list(image.shape)}")
-        size = tuple(image.shape[2:])
-        if any(n % self.size_divisor for n in size):
-            raise InputSizeError(f"AttSwinUNetHead needs image sizes divisible by {self.size_divisor} (its deepest "
-                                 f"stride), got {list(size)}; a Segmentor pads any size to fit")
-        if len(features) != len(self.strides):
-            raise ValueError(f"AttSwinUNetHead expects {len(self.strides)} pyramid levels (strides {self.strides}), got "
-                             f"{len(features)}")
-        for i, (f, c, s) in enumerate(zip(features, self.in_channels, self.strides)):
-            want = [c, size[0] // s, size[1] // s]
-            if list(f.shape[1:]) != want:
-                raise ValueError(f"pyramid level {i} (stride {s}) should be [B, {want[0]}, {want[1]}, {want[2]}] for an "
-                                 f"image of size {list(size)}, got {list(f.shape)}")
-
     def postprocess(self, logits: torch.Tensor) -> torch.Tensor:
-        """Label map ``[B, H, W]`` (int64): argmax over classes, or sigmoid > 0.5 when there is one channel."""
-        return (logits[:, 0] > 0).long() if logits.shape[1] == 1 else logits.argmax(1)
+        """Label map ``[B, *S]`` (int64): argmax over classes, or sigmoid > 0.5 when there is one channel."""
+        return label_map(logits)
 
 
 HEADS.register("att_swin_unet", cls=AttSwinUNetHead)(AttSwinUNetHead)

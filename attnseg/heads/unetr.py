@@ -37,7 +37,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from attnseg.errors import InputSizeError
+from attnseg.heads._common import check_head_inputs, label_map
 from attnseg.layers.dims import NormSpec, conv_type
 from attnseg.layers.unet_blocks import UnetOutBlock, UnetrBasicBlock, UnetrUpBlock
 from attnseg.registry import HEADS
@@ -158,7 +158,7 @@ class UNETRHead(nn.Module):
         self.out = UnetOutBlock(spatial_dims, feature_size, num_classes)
 
     def forward(self, features: Sequence[torch.Tensor], image: torch.Tensor) -> torch.Tensor:
-        self._check_inputs(features, image)
+        check_head_inputs(self, features, image, self.in_chans)
         skips = [self.encoder1(image)]  # [B, fs, *S]
         if self.stem2 is not None:
             skips.append(self.stem2(image))  # [B, fs, *S/2]
@@ -168,27 +168,9 @@ class UNETRHead(nn.Module):
             x = self.get_submodule(f"decoder{k}")(x, skips[k - 1])  # [B, plan(s_{k-1}), *S / s_{k-1}]
         return self.out(x)
 
-    def _check_inputs(self, features: Sequence[torch.Tensor], image: torch.Tensor) -> None:
-        dims = self.spatial_dims
-        if image.dim() != dims + 2 or image.shape[1] != self.in_chans:
-            axes = ", ".join("DHW"[-dims:])
-            raise InputSizeError(f"UNETRHead expects an image [B, {self.in_chans}, {axes}], got {list(image.shape)}")
-        size = tuple(image.shape[2:])
-        if any(n % self.size_divisor for n in size):
-            raise InputSizeError(f"UNETRHead needs image sizes divisible by {self.size_divisor} (its deepest stride), "
-                                 f"got {list(size)}; a Segmentor pads any size to fit")
-        if len(features) != len(self.strides):
-            raise ValueError(f"UNETRHead expects {len(self.strides)} pyramid levels (strides {self.strides}), got "
-                             f"{len(features)}")
-        for i, (f, c, s) in enumerate(zip(features, self.in_channels, self.strides)):
-            want = [c, *(n // s for n in size)]
-            if list(f.shape[1:]) != want:
-                raise ValueError(f"pyramid level {i} (stride {s}) should be [B, {want[0]}, {', '.join(map(str, want[1:]))}]"
-                                 f" for an image of size {list(size)}, got {list(f.shape)}")
-
     def postprocess(self, logits: torch.Tensor) -> torch.Tensor:
         """Label map ``[B, *S]`` (int64): argmax over classes, or sigmoid > 0.5 when there is one channel."""
-        return (logits[:, 0] > 0).long() if logits.shape[1] == 1 else logits.argmax(1)
+        return label_map(logits)
 
 
 HEADS.register("unetr", cls=UNETRHead)(UNETRHead)

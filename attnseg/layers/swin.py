@@ -40,10 +40,25 @@ from attnseg.layers.drop import DropPath
 from attnseg.layers.mlp import Mlp
 from attnseg.registry import suggest
 
-__all__ = ["clip_window", "window_partition", "window_reverse", "relative_position_index", "shifted_window_mask",
+__all__ = ["check_swin_stages", "clip_window", "window_partition", "window_reverse", "relative_position_index", "shifted_window_mask",
            "PatchEmbed", "WindowAttention", "SwinBlock", "PatchMerging", "MERGE_ORDERS"]
 
 MASK_VALUE = -100.0  # both official codes; -inf would change outputs where a padded window row is all masked
+
+
+def check_swin_stages(width_name: str, width: int, num_heads: Sequence[int], **rates: float) -> None:
+    """Constructor checks shared by the Swin encoders: stage ``i`` runs at ``width * 2**i`` channels, which its
+    ``num_heads[i]`` must divide, and every dropout rate in ``rates`` lies in ``[0, 1)``.
+
+    Raises:
+        ValueError: naming each offending stage or rate.
+    """
+    bad = [f"stage {i}: {width * 2**i} channels, {h} heads" for i, h in enumerate(num_heads) if (width * 2**i) % h]
+    if bad:
+        raise ValueError(f"each stage width ({width_name} * 2**i) must be divisible by its num_heads: {bad}")
+    for name, rate in rates.items():
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(f"{name} must be in [0, 1), got {name}={rate}")
 
 
 def _pad_far_side(x: torch.Tensor, pad: Sequence[int]) -> torch.Tensor:

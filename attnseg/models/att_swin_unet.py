@@ -37,7 +37,7 @@ from attnseg.backbones._common import init_linear_layernorm
 from attnseg.errors import InputSizeError
 from attnseg.heads.att_swin_unet import AttSwinUNetHead, swin_layer
 from attnseg.layers.drop import drop_path_rates
-from attnseg.layers.swin import PatchEmbed, PatchMerging
+from attnseg.layers.swin import PatchEmbed, PatchMerging, check_swin_stages
 from attnseg.models.segmentor import Segmentor
 from attnseg.registry import BACKBONES, MODELS
 
@@ -103,13 +103,7 @@ class SwinUnetEncoder(nn.Module):
         for name, value in (("in_chans", in_chans), ("embed_dim", embed_dim), ("window_size", window_size)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {name}={value!r}")
-        bad = [f"stage {i}: {embed_dim * 2**i} channels, {h} heads" for i, h in enumerate(num_heads)
-               if (embed_dim * 2**i) % h]
-        if bad:
-            raise ValueError(f"each stage width (embed_dim * 2**i) must be divisible by its num_heads: {bad}")
-        for name, rate in (("drop_rate", drop_rate), ("attn_drop_rate", attn_drop_rate)):
-            if not 0.0 <= rate < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {name}={rate}")
+        check_swin_stages("embed_dim", embed_dim, num_heads, drop_rate=drop_rate, attn_drop_rate=attn_drop_rate)
         n = len(depths)
         fixed = None
         if img_size is not None:

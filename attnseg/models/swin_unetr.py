@@ -47,11 +47,19 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from attnseg.backbones._common import init_linear_layernorm
 from attnseg.errors import InputSizeError
 from attnseg.heads.unetr import UNETRHead
 from attnseg.layers.dims import NormSpec
 from attnseg.layers.drop import drop_path_rates
-from attnseg.layers.swin import PatchEmbed, PatchMerging, SwinBlock, clip_window, shifted_window_mask
+from attnseg.layers.swin import (
+    PatchEmbed,
+    PatchMerging,
+    SwinBlock,
+    check_swin_stages,
+    clip_window,
+    shifted_window_mask,
+)
 from attnseg.layers.unet_blocks import UnetrBasicBlock
 from attnseg.models.segmentor import Segmentor
 from attnseg.registry import BACKBONES, MODELS, suggest
@@ -148,13 +156,7 @@ class SwinViT(nn.Module):
                             ("window_size", window_size)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {name}={value!r}")
-        bad = [f"stage {i}: {feature_size * 2**i} channels, {h} heads" for i, h in enumerate(num_heads)
-               if (feature_size * 2**i) % h]
-        if bad:
-            raise ValueError(f"each stage width (feature_size * 2**i) must be divisible by its num_heads: {bad}")
-        for name, rate in (("drop_rate", drop_rate), ("attn_drop_rate", attn_drop_rate)):
-            if not 0.0 <= rate < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {rate}")
+        check_swin_stages("feature_size", feature_size, num_heads, drop_rate=drop_rate, attn_drop_rate=attn_drop_rate)
         if downsample not in ("merging", "mergingv2"):
             raise ValueError(f"downsample must be 'merging' or 'mergingv2', got {downsample!r}"
                              f"{suggest(downsample, ['merging', 'mergingv2'])}")
@@ -190,16 +192,7 @@ class SwinViT(nn.Module):
         self.apply(self._init_weights)
         self.set_grad_checkpointing(grad_checkpointing)
 
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        """MONAI's init: trunc-normal(0.02) linear weights and zero biases, unit LayerNorms."""
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+    _init_weights = staticmethod(init_linear_layernorm)  # MONAI's init is the same as NAT's and BiFormer's
 
     @property
     def stages(self) -> list[SwinStage]:
