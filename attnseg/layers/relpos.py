@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -48,9 +49,16 @@ def relative_position_bias_2d(table: torch.Tensor, height: int, width: int) -> t
         raise ValueError(f"a 2D relative position table is [heads, odd, odd], got {list(table.shape)}")
     if height > (table.shape[1] + 1) // 2 or width > (table.shape[2] + 1) // 2:
         table = resize_rel_pos_table(table, (max(2 * height - 1, table.shape[1]), max(2 * width - 1, table.shape[2])))
-    ry, rx = (table.shape[1] - 1) // 2, (table.shape[2] - 1) // 2
-    y = torch.arange(height, device=table.device)
-    x = torch.arange(width, device=table.device)
+    index = _flat_offset_index(height, width, table.shape[1], table.shape[2], str(table.device))
+    return table.flatten(1)[:, index].view(table.shape[0], height * width, height * width)
+
+
+@functools.lru_cache(maxsize=4)
+def _flat_offset_index(height: int, width: int, rows: int, cols: int, device: str) -> torch.Tensor:
+    """``[N * N]`` positions in a flattened ``[rows, cols]`` table of every key-minus-query offset of an
+    ``height x width`` map (cached: a model calls it with the same few sizes in every block and forward)."""
+    ry, rx = (rows - 1) // 2, (cols - 1) // 2
+    y, x = torch.arange(height, device=device), torch.arange(width, device=device)
     dy = (y[None, :] - y[:, None] + ry).repeat_interleave(width, 0).repeat_interleave(width, 1)  # [N, N]
     dx = (x[None, :] - x[:, None] + rx).repeat(height, height)  # [N, N]
-    return table[:, dy, dx]
+    return (dy * cols + dx).flatten()
