@@ -112,12 +112,14 @@ def reference_of(name: str, biformer_repo: str | None, nat_repo: str | None) -> 
 
 
 def images_per_second(models: list[torch.nn.Module], size: int, reps: int = 10, warmup: int = 3,
-                      budget_s: float = 240.0) -> tuple[list[float], int]:
+                      budget_s: float = 240.0, min_s: float = 40.0) -> tuple[list[float], int]:
     """Batch ``BATCH`` inference throughput of each model: ``([median images/s per model], reps)``.
 
     The models take turns, one call each per repetition, so that a change in machine speed during the run (these
-    are shared VMs) affects all of them alike and the ratios stay comparable. When a round takes longer than
-    ``budget_s / reps`` (the official NAT code on NATTEN's CPU kernels) there are fewer repetitions, at least 3.
+    are shared VMs) affects all of them alike and the ratios stay comparable. Fast models get more repetitions,
+    enough for ``min_s`` seconds of rounds (10 calls of a 0.2 s model are at the mercy of one busy moment). When a
+    round takes longer than ``budget_s / reps`` (the official NAT code on NATTEN's CPU kernels) there are fewer,
+    at least 3.
     """
     x = torch.randn(BATCH, 3, size, size)
     times: list[list[float]] = [[] for _ in models]
@@ -129,6 +131,8 @@ def images_per_second(models: list[torch.nn.Module], size: int, reps: int = 10, 
             round_s += time.perf_counter() - t0
         if round_s * reps > budget_s:
             reps, warmup = max(3, int(budget_s / round_s)), 1
+        elif round_s * reps < min_s:
+            reps = int(min_s / round_s)
         for i in range(reps + warmup - 1):
             for j, model in enumerate(models):
                 t0 = time.perf_counter()
