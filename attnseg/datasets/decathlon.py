@@ -36,7 +36,9 @@ the transform's preprocessing (orientation, spacing, intensity, foreground crop)
 MONAI ``CacheDataset`` (``cache_rate`` of the cases, read by ``cache_num_workers`` threads when the dataset is
 built) and its random crops and augmentations on every access; with ``data.augment`` (plain-torch 3D ops)
 volumes are cached as stored. A random crop with ``num_samples > 1`` makes an item a list of samples
-(flattened by :func:`attnseg.datasets.collate`).
+(flattened by :func:`attnseg.datasets.collate`). With ``cache_dir`` each preprocessed case is also written to
+disk once, keyed by its files and the preprocessing, and later runs read it from there instead of the NIfTI files
+(:mod:`attnseg.datasets.case_cache`).
 
 Errors are :class:`~attnseg.errors.DataError` s naming the file: a missing or malformed ``dataset.json``
 (missing keys, bad entries, duplicate cases), an empty split, and per case a missing or unreadable image or
@@ -52,17 +54,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from torch.utils.data import Dataset
-
-from attnseg.datasets.folder2d import _check_items, _ratio_counts, ratio_split
-from attnseg.datasets.volume_transforms import VolumeTransform, to_sample
+from attnseg.datasets.volume_cases import VolumeCaseDataset, case_id, check_common_args
 from attnseg.errors import ConfigError, DataError
 from attnseg.registry import DATASETS
 
 __all__ = ["Decathlon", "read_dataset_json"]
 
-SPLITS = ("train", "val", "test", "predict")
 _REQUIRED = {"training": "the labelled cases", "labels": "label value -> class name",
              "modality": "one entry per image channel"}
 
@@ -105,15 +102,7 @@ def read_dataset_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _case_id(path: str) -> str:
-    name = Path(path).name
-    for suffix in (".nii.gz", ".nii", ".mgz", ".img", ".hdr"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
-class Decathlon(Dataset):
+class Decathlon(VolumeCaseDataset):
     """A Decathlon-format dataset folder; see the module docstring.
 
     Args:
@@ -130,6 +119,8 @@ class Decathlon(Dataset):
         cache_rate: fraction of the split's cases whose preprocessed volumes are cached in memory.
         cache_num_workers: threads that fill the cache.
         ignore_index: a label value outside ``labels`` that is excluded from loss and metrics.
+        cache_dir: a folder where each preprocessed case is also written once and read back by later runs
+            (:mod:`attnseg.datasets.case_cache`); None: no disk cache.
 
     Attributes: ``cases`` (:class:`~attnseg.datasets.nifti.Case` s of this split), ``num_classes``,
     ``class_names``, ``in_chans``, ``modalities``, ``properties`` (the JSON's other keys), ``spatial_dims`` (3),
@@ -142,8 +133,7 @@ class Decathlon(Dataset):
         (['background', 'spleen'], 1, torch.Size([1, 512, 512, 90]))
     """
 
-    task = "segmentation"
-    spatial_dims = 3
+    name = "decathlon"
 
     def __init__(
         self,
@@ -160,20 +150,10 @@ class Decathlon(Dataset):
         cache_rate: float = 1.0,
         cache_num_workers: int = 0,
         ignore_index: int | None = None,
+        cache_dir: str | None = None,
     ) -> None:
-        from attnseg.datasets import nifti  # imports MONAI and nibabel: only when a Decathlon dataset is built
-
-        name = "decathlon"
-        if split not in SPLITS:
-            raise ConfigError(f"{name}: split must be one of {list(SPLITS)}, got {split!r}")
-        if not (0 <= val_ratio < 1 and 0 <= test_ratio < 1 and val_ratio + test_ratio < 1):
-            raise ConfigError(f"{name}: val_ratio and test_ratio must be >= 0 and sum to < 1, got {val_ratio=}, "
-                              f"{test_ratio=}")
-        if num_folds < 2:
-            raise ConfigError(f"{name}: num_folds must be >= 2, got {num_folds}")
-        if not 0 <= cache_rate <= 1 or cache_num_workers < 0:
-            raise ConfigError(f"{name}: need 0 <= cache_rate <= 1 and cache_num_workers >= 0, got {cache_rate=}, "
-                              f"{cache_num_workers=}")
+        name = self.name
+        check_common_args(name, split, val_ratio, test_ratio, num_folds, cache_rate, cache_num_workers)
         self.split = split
         self.transform = transform
         self.root = Path(root).expanduser()
@@ -199,30 +179,14 @@ class Decathlon(Dataset):
         validation = [self._entry(e, "validation", i, labelled=True) for i, e in enumerate(data.get("validation") or [])]
         testing = [self._entry(e, "test", i, labelled=False) for i, e in enumerate(data.get("test") or [])]
         self._refuse_duplicates(training + (validation if json_validation else []))
-        self.cases: list[nifti.Case] = self._select(split, training, validation if json_validation else [], testing,
-                                                    val_ratio, test_ratio, fold, num_folds, seed)
+        cases = self._select(split, training, validation if json_validation else [], testing, val_ratio=val_ratio,
+                             test_ratio=test_ratio, fold=fold, num_folds=num_folds, seed=seed,
+                             source=str(self.json_path), labelled_key="training",
+                             predict_why="its 'test' list is empty")
+        self._start_loading(cases, where=f"{name} ({self.json_path}, split '{split}')", cache_rate=cache_rate,
+                            cache_num_workers=cache_num_workers, cache_dir=cache_dir)
 
-        is_volume = isinstance(transform, VolumeTransform)
-        if split == "predict" and is_volume and transform.cfg.crop_foreground is not None \
-                and transform.cfg.crop_foreground.source_key == "label":
-            raise ConfigError(f"{name}: the 'predict' split has no labels; crop_foreground.source_key 'label' cannot "
-                              f"be used for it (use 'image')")
-        prepare = transform.prepare if is_volume else _AsSample()
-        self.loader = nifti.CaseLoader(prepare, self.label_values, self.in_chans, ignore_index)
-        self._where = f"{name} ({self.json_path}, split '{split}')"
-        problems = []
-        for case in self.cases:
-            try:
-                self.loader.inspect(case)
-            except DataError as e:
-                problems.append(str(e))
-        if problems:
-            more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
-            raise DataError(f"{self._where}: {len(problems)} of {len(self.cases)} cases cannot be used:\n  "
-                            + "\n  ".join(problems[:20]) + more)
-        self._cache = self._build_cache(cache_rate, cache_num_workers)
-
-    # -- dataset.json entries and splits -----------------------------------------------------------------
+    # -- dataset.json entries ----------------------------------------------------------------------------
     def _path(self, value: Any, where: str) -> Path:
         if not isinstance(value, str) or not value.strip():
             raise DataError(f"decathlon: {self.json_path}: {where} must be a file path string, got {value!r}")
@@ -246,7 +210,7 @@ class Decathlon(Dataset):
         fold = entry.get("fold")
         if fold is not None and (isinstance(fold, bool) or not isinstance(fold, int)):
             raise DataError(f"decathlon: {self.json_path}: {where}.fold must be an integer, got {fold!r}")
-        return Case(_case_id(str(images[0])), images, label, fold)
+        return Case(case_id(images[0]), images, label, fold)
 
     def _refuse_duplicates(self, cases: list[Any]) -> None:
         seen: set[Path] = set()
@@ -257,113 +221,9 @@ class Decathlon(Dataset):
                                 f"repeats 'training' cases)")
             seen.add(case.images[0])
 
-    def _select(self, split: str, training: list[Any], validation: list[Any], testing: list[Any], val_ratio: float,
-                test_ratio: float, fold: int | None, num_folds: int, seed: int) -> list[Any]:
-        n = len(training)
-        if split == "predict":
-            chosen = testing
-            why = "its 'test' list is empty"
-        elif validation or fold is not None:
-            test_idx = ratio_split(n, "test", 0.0, test_ratio, seed)
-            rest = ratio_split(n, "train", 0.0, test_ratio, seed)
-            if validation:
-                val, train = validation, [training[i] for i in rest]
-            else:
-                folds = self._folds([training[i] for i in rest], fold, num_folds, seed)
-                val = [c for c, f in folds if f == fold]
-                train = [c for c, f in folds if f != fold]
-            chosen = {"train": train, "val": val,
-                      "test": [training[i] for i in test_idx] or val}[split]
-            why = f"{n} 'training' cases with {test_ratio=}" + (f", {fold=} of {num_folds}" if fold is not None else "")
-        else:
-            n_val, n_test = _ratio_counts(n, val_ratio, test_ratio)
-            part = "val" if split == "test" and n_test == 0 else split
-            chosen = [training[i] for i in ratio_split(n, part, val_ratio, test_ratio, seed)]
-            why = f"{n} 'training' cases with {val_ratio=}, {test_ratio=}"
-        if not chosen:
-            raise DataError(f"decathlon: the '{split}' split of {self.json_path} is empty ({why})")
-        return chosen
-
-    def _folds(self, cases: list[Any], fold: int, num_folds: int, seed: int) -> list[tuple[Any, int]]:
-        """``(case, fold)`` pairs: the entries' own ``fold`` keys when all have one, else a seeded partition."""
-        if cases and all(c.fold is not None for c in cases):
-            present = sorted({c.fold for c in cases})
-            if fold not in present:
-                raise ConfigError(f"decathlon: fold {fold} is not among the folds of {self.json_path} ({present})")
-            return [(c, c.fold) for c in cases]
-        if not 0 <= fold < num_folds:
-            raise ConfigError(f"decathlon: fold must be in 0..{num_folds - 1} (num_folds={num_folds}), got {fold}")
-        order = np.random.default_rng([seed, num_folds]).permutation(len(cases))
-        assigned = np.empty(len(cases), dtype=np.int64)
-        for f, part in enumerate(np.array_split(order, num_folds)):
-            assigned[part] = f
-        return [(c, int(f)) for c, f in zip(cases, assigned)]
-
-    # -- loading -----------------------------------------------------------------------------------------
-    def _build_cache(self, cache_rate: float, num_workers: int) -> Any:
-        from monai.data import CacheDataset
-
-        try:
-            return CacheDataset(self.cases, transform=self.loader, cache_rate=cache_rate,
-                                num_workers=max(num_workers, 1), progress=False, copy_cache=False)
-        except RuntimeError as e:  # MONAI wraps the loader's DataError
-            error = _data_error(e)
-            if error is None:
-                raise
-            # Read every case once more, so that one message lists every bad one (this path runs only on failure).
-            _check_items(self._where, len(self.cases), lambda i: self.loader(self.cases[i]), 20)
-            raise error from None
-
-    def _load(self, index: int) -> dict[str, Any]:
-        try:
-            return self._cache[index]
-        except RuntimeError as e:
-            error = _data_error(e)
-            if error is None:
-                raise
-            raise error from None
-
-    def __len__(self) -> int:
-        return len(self.cases)
-
-    def __getitem__(self, index: int) -> dict[str, Any] | list[dict[str, Any]]:
-        cached = self._load(index)
-        # Cached tensors are shared by every access: nothing below writes into them (MONAI ops return new tensors
-        # or views, collate copies), and meta is copied.
-        sample = {**cached, "meta": dict(cached["meta"])}
-        if isinstance(self.transform, VolumeTransform):
-            return self.transform.augment(sample)
-        if "mask" in sample:
-            sample["mask"] = sample["mask"].long()
-        return self.transform(sample) if self.transform is not None else sample
-
-    def check(self, max_errors: int = 20) -> None:
-        """Read every case of this split that is not cached (cached ones were read when the dataset was built);
-        one :class:`DataError` lists every bad case (up to ``max_errors``)."""
-        cached = getattr(self._cache, "cache_num", 0)
-        todo = list(range(cached, len(self.cases)))
-        _check_items(self._where, len(todo), lambda i: self.loader(self.cases[todo[i]]), max_errors)
-
     def __repr__(self) -> str:
         return (f"decathlon(root={str(self.root)!r}, split={self.split!r}, n={len(self)}, "
                 f"classes={self.class_names}, modalities={self.modalities})")
-
-
-class _AsSample:
-    """``prepare`` without preprocessing (``data.volume`` not set): the MONAI dict as a sample, compact mask."""
-
-    def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
-        return to_sample(data, compact=True)
-
-
-def _data_error(e: BaseException) -> DataError | None:
-    """The :class:`DataError` in the ``__cause__`` chain of ``e`` (MONAI re-raises as ``RuntimeError``)."""
-    cause: BaseException | None = e
-    while cause is not None:
-        if isinstance(cause, DataError):
-            return cause
-        cause = cause.__cause__
-    return None
 
 
 DATASETS.register("decathlon", cls=Decathlon)(Decathlon)

@@ -29,7 +29,7 @@ from monai.transforms import Transform
 
 from attnseg.errors import DataError
 
-__all__ = ["Case", "CaseLoader", "AFFINE_ATOL", "read_image", "read_label", "volume_layout"]
+__all__ = ["Case", "CaseLoader", "AFFINE_ATOL", "read_channels", "read_image", "read_label", "volume_layout"]
 
 AFFINE_ATOL = 1e-3  # mm: affines of one case's files may differ by float noise, not by more
 
@@ -135,6 +135,15 @@ def read_image(paths: Sequence[Path], in_chans: int | None = None) -> tuple[np.n
     """
     images, _, _, affine = _geometry(list(paths), None, in_chans)
     return _image_voxels(images, list(paths)), affine
+
+
+def read_channels(paths: Sequence[Path]) -> int:
+    """The channel count of an image stored as one or several files, from their headers (no voxels read).
+
+    Raises:
+        DataError: naming the file, for a missing or damaged file or another layout than a volume.
+    """
+    return sum(volume_layout(_open(p, "image").shape, p, "image")[1] for p in paths)
 
 
 def read_label(path: Path, label_values: Sequence[int], ignore_index: int | None = None,
