@@ -121,6 +121,8 @@ class Decathlon(VolumeCaseDataset):
         ignore_index: a label value outside ``labels`` that is excluded from loss and metrics.
         cache_dir: a folder where each preprocessed case is also written once and read back by later runs
             (:mod:`attnseg.datasets.case_cache`); None: no disk cache.
+        train_repeats: times each case of the ``train`` split is listed per epoch (e.g. 50 with a single
+            training volume, so that an epoch is 50 random crops rather than one).
 
     Attributes: ``cases`` (:class:`~attnseg.datasets.nifti.Case` s of this split), ``num_classes``,
     ``class_names``, ``in_chans``, ``modalities``, ``properties`` (the JSON's other keys), ``spatial_dims`` (3),
@@ -151,6 +153,7 @@ class Decathlon(VolumeCaseDataset):
         cache_num_workers: int = 0,
         ignore_index: int | None = None,
         cache_dir: str | None = None,
+        train_repeats: int = 1,
     ) -> None:
         name = self.name
         check_common_args(name, split, val_ratio, test_ratio, num_folds, cache_rate, cache_num_workers)
@@ -184,7 +187,8 @@ class Decathlon(VolumeCaseDataset):
                              source=str(self.json_path), labelled_key="training",
                              predict_why="its 'test' list is empty")
         self._start_loading(cases, where=f"{name} ({self.json_path}, split '{split}')", cache_rate=cache_rate,
-                            cache_num_workers=cache_num_workers, cache_dir=cache_dir)
+                            cache_num_workers=cache_num_workers, cache_dir=cache_dir,
+                            train_repeats=train_repeats)
 
     # -- dataset.json entries ----------------------------------------------------------------------------
     def _path(self, value: Any, where: str) -> Path:

@@ -96,6 +96,7 @@ class NiftiFolder(VolumeCaseDataset):
         cache_rate, cache_num_workers: the in-memory cache of preprocessed cases.
         ignore_index: a label value outside the class map that is excluded from loss and metrics.
         cache_dir: a folder for the persistent cache of preprocessed cases (:mod:`attnseg.datasets.case_cache`).
+        train_repeats: times each case of the ``train`` split is listed per epoch.
 
     Attributes: ``cases``, ``num_classes``, ``class_names``, ``label_values``, ``in_chans``, ``modalities``,
     ``spatial_dims`` (3), ``task`` ('segmentation'), ``ignore_index``.
@@ -133,6 +134,7 @@ class NiftiFolder(VolumeCaseDataset):
         cache_num_workers: int = 0,
         ignore_index: int | None = None,
         cache_dir: str | None = None,
+        train_repeats: int = 1,
     ) -> None:
         name = self.name
         check_common_args(name, split, val_ratio, test_ratio, num_folds, cache_rate, cache_num_workers)
@@ -189,7 +191,8 @@ class NiftiFolder(VolumeCaseDataset):
         self.modalities = list(modalities) if modalities is not None else [f"channel{i}" for i in
                                                                            range(self.in_chans)]
         self._start_loading(cases, where=f"{name} ({self.root}, split '{split}')", cache_rate=cache_rate,
-                            cache_num_workers=cache_num_workers, cache_dir=cache_dir)
+                            cache_num_workers=cache_num_workers, cache_dir=cache_dir,
+                            train_repeats=train_repeats)
 
     # -- finding cases -----------------------------------------------------------------------------------
     def _images_by_case(self, folder: Path, suffixes: list[str]) -> dict[str, tuple[Path, ...]]:

@@ -126,11 +126,18 @@ class VolumeCaseDataset(Dataset):
 
     # -- loading -----------------------------------------------------------------------------------------
     def _start_loading(self, cases: list[Any], *, where: str, cache_rate: float, cache_num_workers: int,
-                       cache_dir: str | Path | None) -> None:
-        """Check the headers of every case (one :class:`DataError` lists every bad case), then fill the cache."""
+                       cache_dir: str | Path | None, train_repeats: int = 1) -> None:
+        """Check the headers of every case (one :class:`DataError` lists every bad case), then fill the cache.
+
+        ``train_repeats``: in the ``train`` split each case is listed that many times per epoch (an epoch of a
+        one-volume training set is then ``train_repeats`` steps, not one).
+        """
         from attnseg.datasets import nifti
 
+        if train_repeats < 1:
+            raise ConfigError(f"{self.name}: train_repeats must be >= 1, got {train_repeats}")
         self.cases = cases
+        self.repeats = train_repeats if self.split == "train" else 1
         transform = self.transform
         is_volume = isinstance(transform, VolumeTransform)
         if self.split == "predict" and is_volume and transform.cfg.crop_foreground is not None \
@@ -188,10 +195,12 @@ class VolumeCaseDataset(Dataset):
         return self._load(index)
 
     def __len__(self) -> int:
-        return len(self.cases)
+        return len(self.cases) * self.repeats
 
     def __getitem__(self, index: int) -> dict[str, Any] | list[dict[str, Any]]:
-        cached = self._load(index)
+        if not 0 <= index < len(self):
+            raise IndexError(f"{self.name}: index {index} out of range for {len(self)} items")
+        cached = self._load(index % len(self.cases))
         # Cached tensors are shared by every access: nothing below writes into them (MONAI ops return new tensors
         # or views, collate copies), and meta is copied.
         sample = {**cached, "meta": dict(cached["meta"])}

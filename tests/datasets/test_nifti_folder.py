@@ -229,3 +229,16 @@ def test_decathlon_takes_cache_dir_too(tmp_path, monkeypatch):
     _fail_reads(monkeypatch)
     second = build_dataset("decathlon", "train", transform=VT(PREP, train=False), **kw)
     assert torch.equal(first[1]["image"], second[1]["image"])
+
+
+def test_train_repeats_lists_training_cases_several_times_per_epoch(tmp_path):
+    root = write_folder(tmp_path / "d", n=3)
+    kw = {"root": str(root), "num_classes": 2, "val_ratio": 0.34, "cache_rate": 1.0, "train_repeats": 4}
+    train = build_dataset("nifti_folder", "train", **kw)
+    val = build_dataset("nifti_folder", "val", **kw)
+    assert len(train.cases) == 2 and len(train) == 8 and len(val) == 1  # val is never repeated
+    assert [train[i]["meta"]["id"] for i in range(8)] == [c.id for c in train.cases] * 4
+    with pytest.raises(IndexError):
+        train[8]
+    with pytest.raises(ConfigError, match="train_repeats must be >= 1"):
+        build_dataset("nifti_folder", "train", **{**kw, "train_repeats": 0})

@@ -176,3 +176,35 @@ def test_real_templates_tissue_and_aal(tmp_path):
     _, tissue = _read(tmp_path / "tissue", "mni152")
     counts = np.bincount(np.asarray(tissue.dataobj).ravel())
     assert abs(counts[1] - 1.08e6) < 0.05e6 and abs(counts[2] - 0.63e6) < 0.05e6  # data.md's recipe counts
+
+
+@pytest.mark.parametrize("config", ["swin_unetr_fs12_brainmask", "swin_unetr_fs24_tissue", "swin_unetr_fs12_aal",
+                                    "mambaout_femto_unetr_tissue_slices"])
+def test_brain_configs_build_their_splits_on_prepared_folders(tmp_path, templates, config):
+    from pathlib import Path
+
+    from attnseg.config import load_config
+    from attnseg.engine.runner import build_dataset as runner_dataset
+
+    prep.prepare(tmp_path / "brain", **templates)
+    path = Path(__file__).resolve().parents[2] / "configs" / "brain" / f"{config}.yaml"
+    slices = "slices" in config
+    key = "data.dataset.source" if slices else "data.dataset"
+    task = {"brainmask": "brainmask", "tissue": "tissue", "aal": "aal"}[config.split("_")[-1 - slices]]
+    overrides = [f"{key}.root={tmp_path / 'brain' / task}", f"{key}.cache_dir={tmp_path / 'cache'}"]
+    cfg = load_config(path, overrides + (["model.num_classes=4"] if task == "aal" else []))  # 3 stand-in regions
+    train, val, test = (runner_dataset(cfg, s) for s in ("train", "val", "test"))
+    if slices:
+        assert {c.id for c in train.cases} == {"mni152"} and {c.id for c in test.cases} == {"colin27"}
+        s = train[0]
+        assert s["image"].shape == (1, 128, 128) and s["mask"].shape == (128, 128)
+        assert len(val) == val.source.prepared(0)["image"].shape[3] == 6  # every axial slice: 10 at 1 mm, 6 at 2 mm
+    else:
+        crops = train[0]
+        assert len(crops) == 2 and all(c["image"].shape == (1, 64, 64, 64) for c in crops)
+        assert len(train) == 40 and [c.id for c in val.cases] == [c.id for c in test.cases]
+        held_out = val[0]
+        assert held_out["image"].shape[1:] == held_out["mask"].shape
+        assert held_out["meta"]["spacing"] == pytest.approx((2.0, 2.0, 2.0))
+        assert int(held_out["mask"].max()) < cfg.model.num_classes
+    assert any((tmp_path / "cache").iterdir())  # the persistent cache was filled
