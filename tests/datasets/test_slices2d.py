@@ -117,3 +117,37 @@ def test_a_batch_through_the_2d_transforms_and_a_decathlon_source(tmp_path):
         build_dataset("slices2d", "train", source={"name": "decathlon", "root": str(root), "split": "val"})
     with pytest.raises(ConfigError, match="source 'synthetic2d' is not a 3D case dataset"):
         build_dataset("slices2d", "train", source={"name": "synthetic2d", "num_classes": 2})
+
+
+@pytest.mark.slow
+def test_a_2d_model_trains_on_slices_and_is_evaluated_on_the_held_out_cases(tmp_path):
+    import csv
+
+    from attnseg.config import validate_config
+    from attnseg.engine.runner import evaluate, train
+
+    root = write_cases(tmp_path / "d", n=4)
+    cfg = validate_config({
+        "work_dir": str(tmp_path / "run"),
+        "model": {"backbone": {"name": "test_mambaout"}, "head": {"name": "unetr", "feature_size": 12},
+                  "num_classes": 3, "in_chans": 1, "spatial_dims": 2},
+        "data": {"dataset": {"name": "slices2d", "source": _source(root), "axis": 2, "labelled_only": True,
+                             "empty_fraction": 0.5, "slice_size": [32, 32],
+                             "volume": {"orientation": "RAS",
+                                        "intensity": {"type": "scale_range", "a_min": 0, "a_max": 4000}}},
+                 "batch_size": 4, "augment": {"vflip": 0.5}},
+        "evaluation": {"hd95": False},
+        "optimizer": {"lr": 0.01, "weight_decay": 0.0},
+        "scheduler": {"name": "constant"},
+        "trainer": {"max_epochs": 6, "progress_bar": "none", "loggers": ["csv"], "accelerator": "cpu", "devices": 1,
+                    "log_every_n_steps": 1},
+    })
+    result = train(cfg)
+    # 2 training cases x (3 labelled + 2 of the 5 empty slices) = 10 slices: 2 full batches of 4 per epoch
+    assert result["global_step"] == 6 * 2
+    assert {"val/mDice", "val/Dice_class1", "val/Dice_class2"} <= set(result["metrics"])
+    with open(tmp_path / "run" / "logs" / "metrics.csv") as f:
+        losses = [float(r["train/loss_epoch"]) for r in csv.DictReader(f) if r.get("train/loss_epoch")]
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    res = evaluate(cfg, result["last_checkpoint"])
+    assert res["class_names"] == ["class0", "class1", "class2"] and 0 <= res["mDice"] <= 1
