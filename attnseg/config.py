@@ -319,7 +319,10 @@ class ClassificationConfig(Strict):
 
 
 class EvaluationConfig(Strict):
-    hd95: bool = Field(True, description="compute HD95 at test time")
+    hd95: bool = Field(True, description="compute HD95 at test time (in mm where samples carry a spacing)")
+    surface_dice: bool = Field(True, description="compute the surface Dice (NSD) at test time")
+    surface_tolerance: float | list[float] = Field(
+        1.0, description="NSD tolerance in mm (voxels without a spacing): one value, or one per class incl. class 0")
     include_background: bool = Field(False, description="count class 0 in the mean Dice/IoU")
     sliding_window: bool = Field(False, description="sliding-window inference in validation and test")
     roi_size: list[int] | None = Field(None, description="window size (default: the training crop)")
@@ -525,6 +528,13 @@ def validate_config(data: dict[str, Any], source: str | None = None) -> Experime
             problems.append("data.augment and data.volume are both set: for volumes use data.volume's keys (crop, "
                             "flip_prob, rotate90, ...), or set data.volume: null to use data.augment's plain-torch "
                             "3D ops")
+    if cfg is not None:
+        tol = cfg.evaluation.surface_tolerance
+        n_labels = max(cfg.model.num_classes, 2)
+        values = tol if isinstance(tol, list) else [tol]
+        if any(t < 0 for t in values) or (isinstance(tol, list) and len(tol) != n_labels):
+            problems.append(f"evaluation.surface_tolerance: one value >= 0, or one per class ({n_labels}, class 0 "
+                            f"first), got {tol}")
     if cfg is not None and cfg.trainer.max_epochs is None and cfg.trainer.max_steps < 0:
         problems.append("trainer: set trainer.max_epochs or trainer.max_steps")
     if problems:

@@ -85,16 +85,38 @@ def test_infer_returns_mask_of_input_size_for_odd_png(trained, tmp_path, capsys)
     assert np.array(Image.open(tmp_path / "sw" / "odd_mask.png")).shape == (333, 517)
 
 
-def test_test_tool_prints_table_and_writes_json(trained, tmp_path, capsys):
+def test_test_tool_prints_table_and_writes_reports(trained, tmp_path, capsys):
+    import csv
     import json
 
     cfg, ckpt = trained
-    out = tmp_path / "m.json"
-    assert test.main([str(cfg), "--checkpoint", str(ckpt), "--out", str(out)]) == 0
+    out = tmp_path / "report"
+    assert test.main([str(cfg), "--checkpoint", str(ckpt), "--out-dir", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "mDice" in printed and "class" in printed
-    results = json.loads(out.read_text())
-    assert 0.0 <= results["mDice"] <= 1.0 and len(results["Dice"]) == 3
+    results = json.loads((out / "metrics_test.json").read_text())
+    assert 0.0 <= results["mDice"] <= 1.0 and len(results["Dice"]) == 3 and len(results["NSD"]) == 3
+    with open(out / "cases_test.csv") as f:
+        rows = list(csv.DictReader(f))
+    names = results["class_names"]
+    assert len(rows) == 2 and {"case", f"Dice_{names[1]}", f"NSD_{names[2]}", "mDice", "mNSD"} <= set(rows[0])
+    assert f"Dice_{names[0]}" not in rows[0]  # background is left out, as in the means
+    # the per-case means agree with the JSON's per-case rows and stay in range
+    for row, case in zip(rows, results["cases"]):
+        assert row["case"] == case["case"] and float(row["mDice"]) == pytest.approx(case["mDice"], rel=1e-5)
+        assert 0.0 <= float(row["mNSD"]) <= 1.0
+    md = (out / "report_test.md").read_text()
+    assert "| mDice |" in md and "Per case:" in md and rows[0]["case"] in md
+    box = Image.open(out / "boxplot_test.png")
+    assert box.size[0] > 100 and box.size[1] > 100
+
+
+def test_training_plots_its_curves(trained):
+    cfg, ckpt = trained
+    curves = ckpt.parents[1] / "curves.png"
+    width, height = Image.open(curves).size
+    # loss and score panels (2 steps log no learning rate: Lightning logs every 50 steps)
+    assert width == 1000 and height == 360
 
 
 def test_missing_and_malformed_config(tmp_path, capsys):

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import time
@@ -33,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     from PIL import Image
 
     from attnseg.cli.infer import main as infer_main
-    from attnseg.cli.test import format_table
+    from attnseg.cli.test import format_table, write_report
     from attnseg.config import load_config
     from attnseg.datasets import build_dataset
     from attnseg.engine.runner import evaluate, train
@@ -51,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
 
     metrics = evaluate(cfg, result["last_checkpoint"], split="val")
     print(format_table(metrics))
-    (work / "metrics_val.json").write_text(json.dumps(metrics, indent=2))
+    write_report(metrics, work, "val")  # metrics_val.json, cases_val.csv, report_val.md, boxplot_val.png
 
     # Inference on PNG files of odd sizes, drawn from the test split of the same generator.
     images_dir = work / "demo_inputs"

@@ -1,23 +1,42 @@
-"""``attnseg-infer --config C --checkpoint CKPT INPUT... --out DIR``: masks and overlays for 2D images.
+"""``attnseg-infer --config C --checkpoint CKPT INPUT... --out DIR``: segment 2D images or 3D volumes.
 
-Inputs are image files or folders of them (PNG, JPG, TIFF, BMP; 8/16-bit; grey or RGB). Each image of
-any size goes through the model whole, or through a sliding window when it is larger than ``--window``
-on any side; the outputs are ``<stem>_mask.png`` (class index per pixel, same size as the input) and
-``<stem>_overlay.png`` (the input beside the input with the coloured mask blended over it).
+**2D configs** (``model.spatial_dims: 2``): inputs are image files or folders of them (PNG, JPG, TIFF, BMP;
+8/16-bit; grey or RGB). Each image of any size goes through the model whole, or through a sliding window
+when it is larger than ``--window`` on any side; the outputs are ``<stem>_mask.png`` (class index per pixel,
+same size as the input) and ``<stem>_overlay.png`` (the input beside the input with the coloured mask blended
+over it).
+
+**3D configs**: inputs are NIfTI files (``.nii``/``.nii.gz``), DICOM series (a folder of DICOM files, or one
+``.dcm`` file), folders of NIfTI files (for multi-channel models nnU-Net style ``<case>_0000.nii.gz``,
+``<case>_0001.nii.gz``, ... are one case), or a ``.txt`` file listing any of these one per line. Each volume
+goes through the config's ``data.volume`` preprocessing and a Gaussian-blended sliding window (window and
+overlap from ``evaluation``, or ``--roi-size`` / ``--overlap``), optionally averaged over flips (``--tta``),
+and its class probabilities are resampled back onto the input's grid. Outputs per case:
+
+- ``<case>_seg.nii.gz``: the label map on the input grid, with the input's affine and header (label values as
+  in the training data: class ``k`` is written as the ``k``-th label value of the dataset, when the checkpoint
+  records them);
+- ``<case>_prob.nii.gz`` with ``--probabilities``: ``[X, Y, Z, K]`` float32 class probabilities;
+- ``<case>_montage.png`` (unless ``--no-montage``): axial slices through the labelled range with the overlay.
+
+All inputs are checked (files readable, volumes, channel count) before the first one is predicted.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from attnseg.cli.common import add_config_args, run_main
 from attnseg.errors import ConfigError, DataError
+from attnseg.visualize import overlay_image
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 
@@ -39,72 +58,208 @@ def expand_inputs(inputs: Iterable[str]) -> list[Path]:
     return files
 
 
-def palette(num_colors: int) -> np.ndarray:
-    """A fixed, well-separated RGB colour per class (class 0 black), ``[num_colors, 3]`` uint8."""
-    colors = np.zeros((max(num_colors, 1), 3), dtype=np.uint8)
-    base = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48], [145, 30, 180],
-                     [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190, 212], [0, 128, 128]], dtype=np.uint8)
-    for c in range(1, len(colors)):
-        colors[c] = base[(c - 1) % len(base)] if c - 1 < len(base) else (np.array([37, 91, 173]) * c) % 256
-    return colors
+def expand_volume_inputs(inputs: Iterable[str], in_chans: int = 1) -> list[tuple[str, list[Path]]]:
+    """``(case name, files)`` for each volume given: NIfTI files, DICOM series (a folder or a ``.dcm`` file),
+    folders of NIfTI files (grouped ``<case>_0000``, ``<case>_0001``, ... when ``in_chans > 1``), and ``.txt``
+    files listing inputs (paths relative to the list's folder).
+
+    Raises:
+        DataError: a missing input, a file that is neither NIfTI nor DICOM, a folder with neither, a case with
+            the wrong number of modality files, or two inputs with the same case name.
+    """
+    from attnseg.datasets.dicom import is_dicom_input
+    from attnseg.engine.volume_inference import NIFTI_SUFFIXES, case_name
+
+    def is_nifti(p: Path) -> bool:
+        return p.is_file() and p.name.lower().endswith(NIFTI_SUFFIXES) and not p.name.lower().endswith(".img")
+
+    cases: list[tuple[str, list[Path]]] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_file() and path.suffix.lower() == ".txt":
+            lines = [ln.strip() for ln in path.read_text().splitlines()]
+            listed = [str(Path(ln) if Path(ln).is_absolute() else path.parent / ln)
+                      for ln in lines if ln and not ln.startswith("#")]
+            if not listed:
+                raise DataError(f"input list {path} names no inputs")
+            cases += expand_volume_inputs(listed, in_chans)
+        elif is_nifti(path):
+            cases.append((case_name(path), [path]))
+        elif path.is_file():
+            if not is_dicom_input(path):
+                raise DataError(f"input {path} is neither a NIfTI file ({', '.join(NIFTI_SUFFIXES[:4])}) nor DICOM")
+            cases.append((case_name(path), [path]))
+        elif path.is_dir():
+            niftis = sorted(p for p in path.iterdir() if is_nifti(p))
+            if niftis:
+                cases += _group_modalities(niftis, in_chans, path)
+            elif is_dicom_input(path):
+                cases.append((path.name, [path]))
+            else:
+                raise DataError(f"folder {path} holds no NIfTI files and no DICOM series")
+        else:
+            raise DataError(f"input not found: {path}")
+    seen: dict[str, list[Path]] = {}
+    for name, files in cases:
+        if name in seen:
+            raise DataError(f"two inputs would write the same outputs '{name}_*': {seen[name][0]} and {files[0]} "
+                            f"(rename one, or run them into different --out folders)")
+        seen[name] = files
+    return cases
 
 
-def overlay_image(image: np.ndarray, mask: np.ndarray, num_classes: int, alpha: float = 0.5) -> np.ndarray:
-    """``[H, 2W, 3]`` uint8: the image, and the image with the mask's colours blended in (background clear)."""
-    rgb = image if image.shape[-1] == 3 else np.repeat(image[..., :1], 3, axis=-1)
-    rgb8 = (np.clip(rgb, 0, 1) * 255).astype(np.uint8)
-    colors = palette(max(num_classes, 2))[np.clip(mask, 0, max(num_classes, 2) - 1)]
-    fg = (mask > 0)[..., None]
-    blended = np.where(fg, (1 - alpha) * rgb8 + alpha * colors, rgb8).astype(np.uint8)
-    return np.concatenate([rgb8, blended], axis=1)
+def _group_modalities(files: list[Path], in_chans: int, folder: Path) -> list[tuple[str, list[Path]]]:
+    from attnseg.engine.volume_inference import case_name
+
+    if in_chans == 1:
+        return [(case_name(p), [p]) for p in files]
+    groups: dict[str, dict[int, Path]] = {}
+    for p in files:
+        m = re.fullmatch(r"(.+)_(\d{4})", case_name(p))
+        if m is None:  # one multi-channel file per case
+            groups.setdefault(case_name(p), {})[0] = p
+        else:
+            groups.setdefault(m.group(1), {})[int(m.group(2))] = p
+    cases = []
+    for name, members in sorted(groups.items()):
+        if len(members) > 1 and sorted(members) != list(range(in_chans)):
+            raise DataError(f"folder {folder}: case '{name}' has modality files {sorted(members)}; the model takes "
+                            f"{in_chans} ({name}_0000 ... {name}_{in_chans - 1:04d})")
+        cases.append((name, [members[i] for i in sorted(members)]))
+    return cases
+
+
+def _checkpoint_label_values(checkpoint: str) -> list[int] | None:
+    """The stored label value of each class, as the training checkpoint recorded them (None if it did not)."""
+    if not str(checkpoint).endswith(".ckpt"):
+        return None
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - load_pretrained reports unreadable checkpoints with their name
+        return None
+    values = (state.get("attnseg_classes") or {}).get("label_values") if isinstance(state, dict) else None
+    return [int(v) for v in values] if values else None
+
+
+def _infer_volumes(args: argparse.Namespace, cfg: Any, model: torch.nn.Module) -> int:
+    from PIL import Image
+    from tqdm import tqdm
+
+    from attnseg.datasets.dicom import is_dicom_input
+    from attnseg.datasets.nifti import Case, CaseLoader
+    from attnseg.engine.volume_inference import VolumePredictor, as_closest_ras, read_volume, save_like
+    from attnseg.visualize import volume_montage
+
+    cases = expand_volume_inputs(args.inputs, cfg.model.in_chans)
+    # Check every NIfTI header before predicting anything (a bad file found after an hour helps no one).
+    header_check = CaseLoader(prepare=lambda d: d, label_values=[0], in_chans=cfg.model.in_chans)
+    for name, files in cases:
+        if not (len(files) == 1 and is_dicom_input(files[0])):
+            header_check.inspect(Case(name, tuple(files)))
+    n_cls = max(cfg.model.num_classes, 2)
+    values = _checkpoint_label_values(args.checkpoint)
+    lut = np.asarray(values if values and len(values) == n_cls else range(n_cls), dtype=np.int64)
+    dtype = np.uint8 if lut.min() >= 0 and lut.max() <= 255 else np.int16 if lut.max() < 2**15 else np.int32
+    predictor = VolumePredictor(model, cfg, roi_size=args.roi_size, overlap=args.overlap, blend_mode=args.blend,
+                                sw_batch_size=args.sw_batch_size, tta=args.tta, device=args.device,
+                                progress=args.progress)
+    out_dir = Path(args.out)
+    for name, files in tqdm(cases, desc="volumes", unit="vol", disable=not args.progress or len(cases) < 2):
+        volume = read_volume(files, in_chans=cfg.model.in_chans, series_uid=args.series_uid, name=name)
+        pred = predictor(volume, probabilities=args.probabilities)
+        seg = save_like(lut[pred.labels].astype(dtype), volume.affine, out_dir / f"{name}_seg.nii.gz", volume.header)
+        written = [seg]
+        if pred.probabilities is not None:
+            probs = np.ascontiguousarray(np.moveaxis(pred.probabilities, 0, -1))  # [X, Y, Z, K]
+            written.append(save_like(probs, volume.affine, out_dir / f"{name}_prob.nii.gz", volume.header))
+        if args.montage:
+            image_ras, labels_ras = as_closest_ras(volume.image[0], pred.labels, affine=volume.affine)
+            png = out_dir / f"{name}_montage.png"
+            Image.fromarray(volume_montage(image_ras, labels_ras, n_cls)).save(png)
+            written.append(png)
+        counts = np.bincount(pred.labels.reshape(-1), minlength=n_cls)[1:]
+        print(f"{', '.join(str(f) for f in files)} -> {', '.join(str(w) for w in written)} "
+              f"(grid {list(pred.labels.shape)}, predicted on {list(pred.processed_shape)}; foreground voxels per "
+              f"class {counts.tolist()})")
+    return 0
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    parser = argparse.ArgumentParser(prog="attnseg-infer", description="Predict masks for images.")
+    parser = argparse.ArgumentParser(prog="attnseg-infer", description="Segment images (2D configs) or volumes "
+                                                                       "(3D configs: NIfTI or DICOM in, NIfTI out).")
     add_config_args(parser, positional=False)
     parser.add_argument("--checkpoint", required=True, help="training checkpoint (.ckpt) or model weights")
-    parser.add_argument("inputs", nargs="+", help="image files or folders")
+    parser.add_argument("inputs", nargs="+", help="image files or folders; for 3D: NIfTI files, DICOM series "
+                                                  "folders or .dcm files, folders of NIfTI files, .txt lists")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--window", type=int, default=1024,
-                        help="sliding-window size used when an image is larger on any side (default 1024)")
-    parser.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap in [0, 1)")
-    parser.add_argument("--tta", action="store_true", help="average over horizontal/vertical flips")
+                        help="2D: sliding-window size used when an image is larger on any side (default 1024)")
+    parser.add_argument("--roi-size", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"),
+                        help="3D: sliding-window size (default: evaluation.roi_size, else the training crop)")
+    parser.add_argument("--overlap", type=float, default=None,
+                        help="sliding-window overlap in [0, 1) (default: 0.25 in 2D, evaluation.overlap in 3D)")
+    parser.add_argument("--blend", choices=["gaussian", "constant"], default=None,
+                        help="3D: window blending (default: evaluation.blend_mode)")
+    parser.add_argument("--sw-batch-size", type=int, default=None, help="3D: windows per forward pass")
+    parser.add_argument("--tta", action="store_true", help="average over a flip of each spatial axis")
+    parser.add_argument("--probabilities", action="store_true", help="3D: also write class probabilities")
+    parser.add_argument("--no-montage", dest="montage", action="store_false", help="3D: no PNG montage")
+    parser.add_argument("--series-uid", default=None, help="3D: the DICOM series to read from a folder holding "
+                                                           "several")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
-    if not 0 <= args.overlap < 1:
+    if args.overlap is not None and not 0 <= args.overlap < 1:
         raise ConfigError(f"--overlap must be in [0, 1), got {args.overlap}")
     if args.window < 16:
         raise ConfigError(f"--window must be at least 16, got {args.window}")
-
-    from PIL import Image
+    if args.roi_size is not None and min(args.roi_size) < 1:
+        raise ConfigError(f"--roi-size values must be >= 1, got {args.roi_size}")
+    if args.sw_batch_size is not None and args.sw_batch_size < 1:
+        raise ConfigError(f"--sw-batch-size must be >= 1, got {args.sw_batch_size}")
 
     from attnseg.checkpoint import load_pretrained
     from attnseg.config import load_config
-    from attnseg.datasets.io import convert_channels, read_image
-    from attnseg.datasets.transforms import build_transform
-    from attnseg.engine.inference import flip_tta, predict_logits
     from attnseg.models.builder import build_model
 
     cfg = load_config(args.config, args.overrides)
-    if cfg.task != "segmentation" or cfg.model.spatial_dims != 2:
-        raise ConfigError("attnseg-infer handles 2D segmentation configs (task: segmentation, spatial_dims: 2)")
-    files = expand_inputs(args.inputs)
+    if cfg.task != "segmentation":
+        raise ConfigError(f"attnseg-infer handles segmentation configs; {args.config} has task: {cfg.task}")
+    if cfg.model.spatial_dims == 3:
+        expand_volume_inputs(args.inputs, cfg.model.in_chans)  # input errors before the model is built
+    else:
+        expand_inputs(args.inputs)
     model = build_model(cfg)
     load_pretrained(model, args.checkpoint)
     model.eval().to(args.device)
+    if cfg.model.spatial_dims == 3:
+        return _infer_volumes(args, cfg, model)
+    return _infer_images(args, cfg, model)
+
+
+def _infer_images(args: argparse.Namespace, cfg: Any, model: torch.nn.Module) -> int:
+    from PIL import Image
+    from tqdm import tqdm
+
+    from attnseg.datasets.io import convert_channels, read_image
+    from attnseg.datasets.transforms import build_transform
+    from attnseg.engine.inference import flip_tta, predict_logits
+
+    files = expand_inputs(args.inputs)
+    overlap = 0.25 if args.overlap is None else args.overlap
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     n_cls = max(cfg.model.num_classes, 2)
     normalize = build_transform(None, cfg.data.normalize, train=False)
 
-    for path in files:
+    for path in tqdm(files, desc="images", unit="img", disable=not args.progress or len(files) < 2):
         image = convert_channels(read_image(path), cfg.model.in_chans, path)  # [H, W, C] float in 0..1
         x = normalize({"image": torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)})["image"]
         x = x[None].to(args.device)
         roi = [args.window, args.window] if max(x.shape[-2:]) > args.window else None
 
         def predict(t: torch.Tensor, roi=roi) -> torch.Tensor:
-            return predict_logits(model, t, roi_size=roi, overlap=args.overlap)
+            return predict_logits(model, t, roi_size=roi, overlap=overlap)
 
         with torch.inference_mode():
             logits = flip_tta(predict, x) if args.tta else predict(x)

@@ -24,11 +24,13 @@ def predict_logits(
     overlap: float = 0.25,
     blend_mode: str = "gaussian",
     sw_batch_size: int = 4,
+    progress: bool = False,
 ) -> torch.Tensor:
     """Logits ``[B, C, *spatial]`` for ``image`` ``[B, in_chans, *spatial]``.
 
     With ``roi_size`` the image is tiled into windows of that size (smaller images are padded by MONAI
     and cropped back) with ``overlap`` and blended; without it the whole image goes through the model.
+    ``progress`` shows a bar over the windows.
     """
     if roi_size is None:
         return model(image)
@@ -39,7 +41,7 @@ def predict_logits(
         raise ValueError(f"roi_size {list(roi_size)} has {len(roi_size)} axes; the input has {len(spatial)}")
     return sliding_window_inference(
         image, roi_size=list(roi_size), sw_batch_size=sw_batch_size, predictor=model, overlap=overlap,
-        mode=blend_mode,
+        mode=blend_mode, progress=progress,
     )
 
 

@@ -128,7 +128,8 @@ def build_task(cfg: ExperimentConfig, dataset: Any | None = None) -> pl.Lightnin
                                          **cfg.loss.kwargs)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"loss ({cfg.loss.name}): {e}") from None
-    return SegmentationTask(model, loss, config, ignore_index=ignore_index, class_names=class_names)
+    return SegmentationTask(model, loss, config, ignore_index=ignore_index, class_names=class_names,
+                            label_values=getattr(dataset, "label_values", None))
 
 
 # -- trainer ------------------------------------------------------------------------------------------
@@ -250,8 +251,11 @@ def train(cfg: ExperimentConfig, *, resume: bool = False, work_dir: Path | None 
 
     ``callbacks`` are added to the ones the config asks for.
 
+    When the run logs to CSV, ``<work_dir>/curves.png`` plots its loss and metric curves at the end.
+
     Returns:
-        ``{"work_dir", "best_checkpoint", "last_checkpoint", "metrics"}`` (metrics: last logged values).
+        ``{"work_dir", "best_checkpoint", "last_checkpoint", "metrics", "global_step", "curves"}`` (metrics: last
+        logged values; curves: the PNG's path or None).
     """
     work_dir = Path(work_dir) if work_dir is not None else work_dir_for(cfg)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -281,6 +285,7 @@ def train(cfg: ExperimentConfig, *, resume: bool = False, work_dir: Path | None 
     (work_dir / "config.yaml").write_text(dump_config(cfg))
     trainer.fit(task, build_dataloader(cfg, train_set, "train"), build_dataloader(cfg, val_set, "val"),
                 ckpt_path=ckpt_path, weights_only=True)
+    curves = _plot_curves(work_dir)
     ckpt_cb = trainer.checkpoint_callback
     return {
         "work_dir": str(work_dir),
@@ -288,7 +293,28 @@ def train(cfg: ExperimentConfig, *, resume: bool = False, work_dir: Path | None 
         "last_checkpoint": getattr(ckpt_cb, "last_model_path", None) or str(ckpt_dir / "last.ckpt"),
         "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
         "global_step": trainer.global_step,
+        "curves": str(curves) if curves else None,
     }
+
+
+def _plot_curves(work_dir: Path) -> Path | None:
+    """``<work_dir>/curves.png`` from the CSV log (loss, scores, learning rate against the step), when there is one.
+
+    A failure to plot is logged, never raised: the checkpoints of a finished run matter more than its picture.
+    """
+    import logging
+
+    log = work_dir / "logs" / "metrics.csv"
+    if not log.is_file():
+        return None
+    from attnseg.visualize import plot_training_curves
+
+    out = work_dir / "curves.png"
+    try:
+        return out if plot_training_curves(log, out) else None
+    except Exception as e:  # noqa: BLE001 - see the docstring
+        logging.getLogger(__name__).warning("could not plot %s: %s: %s", log, type(e).__name__, e)
+        return None
 
 
 def evaluate(cfg: ExperimentConfig, checkpoint: str | Path, *, split: str = "test") -> dict[str, Any]:

@@ -84,6 +84,8 @@ class SegmentationTask(_Task):
         config: the validated experiment config as plain data (``ExperimentConfig.model_dump()``).
         ignore_index: reference value excluded from loss and metrics.
         class_names: names for per-class metric keys.
+        label_values: the value each class has in the dataset's label files (``decathlon``: 0, 1, 2, 4 for
+            classes 0..3); saved in checkpoints so inference writes label maps in the same values.
     """
 
     def __init__(
@@ -93,17 +95,24 @@ class SegmentationTask(_Task):
         config: dict[str, Any],
         ignore_index: int | None = None,
         class_names: list[str] | None = None,
+        label_values: list[int] | None = None,
     ) -> None:
         super().__init__(model, config)
         self.loss_fn = loss
+        self.label_values = [int(v) for v in label_values] if label_values is not None else None
         self.num_classes = self.cfg.model.num_classes
         self.ignore_index = ignore_index
         n_labels = max(self.num_classes, 2)
         self.class_names = list(class_names) if class_names else [str(i) for i in range(n_labels)]
         ev: EvaluationConfig = self.cfg.evaluation
         self.val_metrics = SegmentationMetrics(self.num_classes, ignore_index, ev.include_background)
-        self.test_metrics = SegmentationMetrics(self.num_classes, ignore_index, ev.include_background, hd95=ev.hd95)
+        self.test_metrics = SegmentationMetrics(self.num_classes, ignore_index, ev.include_background, hd95=ev.hd95,
+                                                surface_dice=ev.surface_dice, surface_tolerance=ev.surface_tolerance)
         self.test_results: dict[str, Any] = {}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["attnseg_classes"] = {"class_names": self.class_names, "label_values": self.label_values}
 
     # -- helpers -------------------------------------------------------------------------------------
     def _predict(self, image: torch.Tensor) -> torch.Tensor:
@@ -145,11 +154,15 @@ class SegmentationTask(_Task):
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         logits = self._predict(batch["image"])
-        self.test_metrics.update(self._postprocess(logits), batch["mask"])
+        metas = batch.get("meta") or [{}] * batch["image"].shape[0]
+        ids = [m.get("id", f"{batch_idx}_{i}") for i, m in enumerate(metas)]
+        spacings = [m.get("spacing") for m in metas]  # mm per axis for volumes; None: voxels
+        self.test_metrics.update(self._postprocess(logits), batch["mask"], ids=ids, spacings=spacings)
 
     def on_test_epoch_end(self) -> None:
         results = self.test_metrics.compute()
-        self.test_results = {"class_names": self.class_names, **results}
+        self.test_results = {"class_names": self.class_names, **results,
+                             "cases": self.test_metrics.per_case(self.class_names)}
         self._log_metrics("test", results)
 
     def _log_metrics(self, split: str, results: dict[str, Any]) -> None:
