@@ -145,3 +145,25 @@ def test_wrong_channel_count_is_named(tmp_path, capsys, channels):
     nib.save(nib.Nifti1Image(np.zeros((16, 16, 16, channels), np.float32), np.eye(4)), str(tmp_path / "two.nii.gz"))
     expect_error(capsys, infer.main, ["--config", str(cfg), "--checkpoint", str(ckpt), str(tmp_path / "two.nii.gz"),
                                       "--out", str(tmp_path / "o")], "two.nii.gz", "2 channels")
+
+
+def test_dicom_series_in_nifti_out_on_the_series_grid(tmp_path, capsys):
+    from attnseg.datasets.dicom import read_dicom_series
+    from tests.dicom_writer import write_volume
+
+    cfg = volume_cfg(tmp_path)
+    ckpt = weights_for(cfg, tmp_path)
+    # a coronal acquisition: voxel axes run R, S (down the image: -S), A; written shuffled under random names
+    affine = np.array([[0.8, 0, 0, -12.0], [0, 0, 3.0, 5.0], [0, -0.9, 0, 40.0], [0, 0, 0, 1]])
+    volume = np.random.default_rng(0).integers(-100, 300, (24, 20, 10)).astype(np.int16)
+    write_volume(tmp_path / "series", volume, affine, np.random.default_rng(1))
+    out = tmp_path / "out"
+    assert infer.main(["--config", str(cfg), "--checkpoint", str(ckpt), str(tmp_path / "series"), "--out", str(out),
+                       "--no-progress"]) == 0
+    seg = nib.load(str(out / "series_seg.nii.gz"))
+    dicom = read_dicom_series(tmp_path / "series")
+    assert seg.shape == dicom.array.shape == (24, 20, 10)
+    np.testing.assert_allclose(seg.affine, dicom.affine, atol=1e-5)
+    np.testing.assert_allclose(seg.affine, affine, atol=1e-4)
+    assert seg.header["sform_code"] == 1 and seg.header["qform_code"] == 1
+    assert (out / "series_montage.png").is_file()

@@ -8,87 +8,26 @@ the same world point as the ground truth does.
 
 from __future__ import annotations
 
-import uuid
 import warnings
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import generate_uid
 
 from attnseg.datasets.dicom import dicom_to_nifti, is_dicom_input, main, read_dicom_series
 from attnseg.errors import DataError
+from tests.dicom_writer import LPS, new_dataset, slice_tags, write_slice, write_volume
 
-LPS = np.diag([-1.0, -1.0, 1.0, 1.0])  # RAS <-> LPS (its own inverse)
-CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 ENHANCED_CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2.1"
 
 # ground truth: [X, Y, Z] = [7, 6, 5] on a RAS grid with three different voxel sizes (0.7, 0.5, 2 mm)
 GT_SHAPE = (7, 6, 5)
 GT = (np.arange(np.prod(GT_SHAPE)).reshape(GT_SHAPE) * 3 + 11).astype(np.int16)
 GT_AFFINE = np.array([[0.7, 0, 0, -10.0], [0, 0.5, 0, 20.0], [0, 0, 2.0, 30.0], [0, 0, 0, 1]])
-
-
-def _dataset(meta_sop_class: str, series_uid: str) -> Dataset:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = meta_sop_class
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = meta_sop_class
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID = "1.2.826.0.1.3680043.8.498.1"
-    ds.SeriesInstanceUID = series_uid
-    ds.PatientName = "Phantom"
-    return ds
-
-
-def write_slice(path: Path, pixels: np.ndarray, orientation, position, pixel_spacing, series_uid: str,
-                description: str = "test", slope: float | None = None, intercept: float | None = None,
-                thickness: float | None = None, instance: int = 1) -> Path:
-    """One CT slice file; ``pixels`` is ``[rows, columns]`` int16, geometry tags written as given."""
-    ds = _dataset(CT_IMAGE, series_uid)
-    ds.Modality = "CT"
-    ds.SeriesDescription = description
-    ds.InstanceNumber = instance
-    ds.ImageOrientationPatient = [round(float(v), 8) for v in orientation]
-    ds.ImagePositionPatient = [round(float(v), 6) for v in position]
-    ds.PixelSpacing = [round(float(v), 8) for v in pixel_spacing]
-    if thickness is not None:
-        ds.SliceThickness = thickness
-    if slope is not None:
-        ds.RescaleSlope = slope
-        ds.RescaleIntercept = intercept
-    ds.set_pixel_data(np.ascontiguousarray(pixels, dtype=np.int16), "MONOCHROME2", 16, generate_instance_uid=False)
-    ds.save_as(path, enforce_file_format=True)
-    return path
-
-
-def slice_tags(affine_ras: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, list[float]]:
-    """(ImageOrientationPatient, ImagePositionPatient, PixelSpacing) of slice ``k`` of a volume on ``affine_ras``
-    whose axis 0 runs along image rows (columns index) and axis 1 down image columns (rows index)."""
-    lps = LPS @ affine_ras
-    column_spacing, row_spacing = np.linalg.norm(lps[:3, 0]), np.linalg.norm(lps[:3, 1])
-    orientation = np.concatenate([lps[:3, 0] / column_spacing, lps[:3, 1] / row_spacing])
-    return orientation, (lps @ [0, 0, k, 1])[:3], [row_spacing, column_spacing]
-
-
-def write_volume(folder: Path, volume: np.ndarray, affine_ras: np.ndarray, rng: np.random.Generator,
-                 series_uid: str | None = None, **tags) -> tuple[str, list[Path]]:
-    """Write ``volume [X, Y, Z]`` as one file per slice under random names, in shuffled order."""
-    folder.mkdir(parents=True, exist_ok=True)
-    series_uid = series_uid or generate_uid()
-    paths = []
-    for k in rng.permutation(volume.shape[2]):
-        orientation, position, spacing = slice_tags(affine_ras, int(k))
-        paths.append(write_slice(folder / uuid.UUID(int=int(rng.integers(2**62))).hex, volume[:, :, k].T,
-                                 orientation, position, spacing, series_uid, instance=int(k) + 1, **tags))
-    return series_uid, paths
 
 
 def reslice(perm: tuple[int, int, int], flips: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
@@ -279,7 +218,7 @@ def test_gantry_tilt_is_kept_in_the_affine_and_off_line_positions_refused(tmp_pa
 
 def test_non_image_series_beside_the_images_is_ignored(tmp_path):
     uid, _ = write_volume(tmp_path, GT, GT_AFFINE, np.random.default_rng(15))
-    report = _dataset("1.2.840.10008.5.1.4.1.1.88.11", generate_uid())  # a structured report: no pixels
+    report = new_dataset("1.2.840.10008.5.1.4.1.1.88.11", generate_uid())  # a structured report: no pixels
     report.Modality = "SR"
     report.save_as(tmp_path / "report", enforce_file_format=True)
     assert read_dicom_series(tmp_path).series_uid == uid
@@ -348,7 +287,7 @@ def test_single_slice_spacing(tmp_path):
 def test_enhanced_multiframe_file(tmp_path):
     volume, affine = reslice(*ACQUISITIONS["sagittal"])
     order = np.random.default_rng(12).permutation(volume.shape[2])  # frames stored out of order
-    ds = _dataset(ENHANCED_CT_IMAGE, generate_uid())
+    ds = new_dataset(ENHANCED_CT_IMAGE, generate_uid())
     ds.Modality, ds.SeriesDescription = "CT", "enhanced"
     orientation, _, spacing = slice_tags(affine, 0)
     measures, plane = Dataset(), Dataset()
