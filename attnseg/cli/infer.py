@@ -68,10 +68,11 @@ def expand_volume_inputs(inputs: Iterable[str], in_chans: int = 1) -> list[tuple
             the wrong number of modality files, or two inputs with the same case name.
     """
     from attnseg.datasets.dicom import is_dicom_input
-    from attnseg.engine.volume_inference import NIFTI_SUFFIXES, case_name
+    from attnseg.datasets.volume_cases import VOLUME_SUFFIXES
+    from attnseg.engine.volume_inference import case_name
 
-    def is_nifti(p: Path) -> bool:
-        return p.is_file() and p.name.lower().endswith(NIFTI_SUFFIXES) and not p.name.lower().endswith(".img")
+    def is_nifti(p: Path) -> bool:  # an Analyze pair is named by its .hdr
+        return p.is_file() and p.name.lower().endswith(VOLUME_SUFFIXES) and not p.name.lower().endswith(".img")
 
     cases: list[tuple[str, list[Path]]] = []
     for item in inputs:
@@ -87,7 +88,7 @@ def expand_volume_inputs(inputs: Iterable[str], in_chans: int = 1) -> list[tuple
             cases.append((case_name(path), [path]))
         elif path.is_file():
             if not is_dicom_input(path):
-                raise DataError(f"input {path} is neither a NIfTI file ({', '.join(NIFTI_SUFFIXES[:4])}) nor DICOM")
+                raise DataError(f"input {path} is neither a NIfTI file ({', '.join(VOLUME_SUFFIXES[:3])}) nor DICOM")
             cases.append((case_name(path), [path]))
         elif path.is_dir():
             niftis = sorted(p for p in path.iterdir() if is_nifti(p))

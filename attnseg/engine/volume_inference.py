@@ -24,10 +24,8 @@ from torch import nn
 
 from attnseg.engine.inference import flip_tta, predict_logits
 
-__all__ = ["VolumeInput", "VolumePrediction", "VolumePredictor", "as_closest_ras", "read_volume", "resample_to_grid",
-           "save_like", "NIFTI_SUFFIXES"]
-
-NIFTI_SUFFIXES = (".nii.gz", ".nii", ".mgz", ".mgh", ".hdr", ".img")
+__all__ = ["VolumeInput", "VolumePrediction", "VolumePredictor", "as_closest_ras", "case_name", "read_volume",
+           "resample_to_grid", "save_like"]
 
 
 @dataclass
@@ -54,12 +52,11 @@ class VolumePrediction:
 
 
 def case_name(path: Path) -> str:
-    """File name without its NIfTI/DICOM suffix (``a.nii.gz`` -> ``a``)."""
-    name = path.name
-    for suffix in (*NIFTI_SUFFIXES, ".dcm"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
+    """The name of a volume input: its file name without the NIfTI (``a.nii.gz`` -> ``a``) or ``.dcm`` suffix, or a
+    folder's name."""
+    from attnseg.datasets.volume_cases import case_id
+
+    return path.stem if path.suffix.lower() == ".dcm" else case_id(path)
 
 
 def read_volume(paths: Sequence[Path], *, in_chans: int | None = None, series_uid: str | None = None,
