@@ -248,3 +248,47 @@ def test_docstring_examples():
 
     result = doctest.testmod(module, extraglobs={"torch": torch}, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0
+
+
+def _unfold_aggregated_attention(attn, x, geo):
+    """The paper's aggregated attention written with a full-size unfold of keys and values (the official recipe)."""
+    b, n, c = x.shape
+    h, d = attn.num_heads, attn.head_dim
+    (hh, ww), ws = geo.size, attn.window_size
+    q_hat, q_s = attn.query(attn.q(x).view(b, n, h, d).transpose(1, 2), geo)
+    k, v = attn.kv(x).chunk(2, dim=-1)
+    k = F.normalize(k.view(b, n, h, d), dim=-1).reshape(b, n, c)
+    unf = lambda t: F.unfold(t.transpose(1, 2).reshape(b, c, hh, ww), ws, padding=ws // 2)  # noqa: E731
+    k_loc = unf(k).view(b, h, d, ws * ws, n).permute(0, 1, 4, 2, 3)  # [B, h, N, d, ws^2]
+    v_loc = unf(v).view(b, h, d, ws * ws, n).permute(0, 1, 4, 2, 3)
+    inside = F.unfold(torch.ones(1, 1, hh, ww, dtype=x.dtype), ws, padding=ws // 2)[0].t() > 0  # [N, ws^2]
+    local = (q_s.unsqueeze(-2) @ k_loc).squeeze(-2) + attn.relative_pos_bias_local.unsqueeze(1)
+    local = local.masked_fill(~inside, float("-inf"))
+    pooled = F.adaptive_avg_pool2d(F.gelu(attn.sr(x.transpose(1, 2).reshape(b, c, hh, ww))), geo.pool)
+    k_p, v_p = attn.kv(attn.norm(pooled.flatten(2).transpose(1, 2))).view(b, -1, 2 * h, d).transpose(1, 2).chunk(2, 1)
+    logits = torch.cat([local, q_s @ F.normalize(k_p, dim=-1).transpose(-2, -1) + attn.position_bias(geo)], -1)
+    a_loc, a_pool = logits.softmax(-1).split([ws * ws, logits.shape[-1] - ws * ws], -1)
+    w = a_loc + q_hat @ attn.learnable_tokens + attn.learnable_bias
+    out = (w.unsqueeze(-2) @ v_loc.transpose(-2, -1)).squeeze(-2) + a_pool @ v_p
+    return attn.proj(out.transpose(1, 2).reshape(b, n, c))
+
+
+@pytest.mark.parametrize("window,size", [(3, (13, 11)), (5, (9, 17))])
+def test_aggregated_attention_on_ops_equals_the_unfold_formulation_with_gradients(window, size):
+    model = _build("test_transnext", num_classes=0, window_size=(window, 3, 3, None), dtype=torch.float64)
+    _randomize(model)
+    attn = model.block1[0].attn
+    geo = model.stage_geometry(0, size, torch.device("cpu"))
+    geo = type(geo)(**{**geo.__dict__, "length_scale": geo.length_scale.double()})
+    x = torch.randn(2, size[0] * size[1], 16, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(2, size[0] * size[1], 16, dtype=torch.float64)
+    results = []
+    for fn in (lambda: attn(x, geo), lambda: _unfold_aggregated_attention(attn, x, geo)):
+        x.grad = None
+        attn.zero_grad()
+        out = fn()
+        (out * grad).sum().backward()
+        results.append((out.detach(), x.grad.clone(), [p.grad.clone() for p in attn.parameters()]))
+    (o1, gx1, gp1), (o2, gx2, gp2) = results
+    assert torch.allclose(o1, o2, atol=1e-10) and torch.allclose(gx1, gx2, atol=1e-10)
+    assert all(torch.allclose(a, b, atol=1e-10) for a, b in zip(gp1, gp2))
