@@ -1,10 +1,12 @@
 import pytest
 import torch
 
+from attnseg.backbones import overlock as ovl
 from attnseg.backbones.overlock import DilatedReparamBlock, DynamicConvBlock, OverLoCK, _attention_size
 from attnseg.convert import from_official
 from attnseg.errors import InputSizeError
 from attnseg.models.pyramid import FeaturePyramid
+from attnseg.ops import na2d_av
 from attnseg.registry import BACKBONES
 from tests.conftest import load_fixture
 
@@ -81,6 +83,22 @@ def test_dilated_reparam_block_merges_exactly_in_eval():
             block.reparam()
             assert block.deploy and block.lk_origin.bias is not None
             assert torch.allclose(block(x), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel,size", [(13, (14, 14)), (5, (14, 15)), (7, (7, 9)), (13, (40, 29)), (5, (21, 20))])
+def test_contmix_aggregation_equals_na2d_av_forward_and_backward(kernel, size, monkeypatch):
+    # small maps take the dense scatter + matmul path, larger ones na2d_av; chunking over (batch, group) too
+    monkeypatch.setattr(ovl, "_DENSE_CHUNK_ELEMENTS", 3 * size[0] * size[1] * size[0] * size[1])
+    attn = torch.softmax(torch.randn(2, 4, *size, kernel * kernel, dtype=torch.float64), -1).requires_grad_()
+    value = torch.randn(2, 4, *size, 3, dtype=torch.float64, requires_grad=True)
+    ours = ovl.aggregate(attn, value, kernel)
+    ref = na2d_av(attn, value, kernel, backend="reference")
+    assert torch.allclose(ours, ref, atol=1e-12)
+    grad = torch.randn_like(ref)
+    g_ours = torch.autograd.grad(ours, (attn, value), grad)
+    g_ref = torch.autograd.grad(ref, (attn, value), grad)
+    for a, b in zip(g_ours, g_ref):
+        assert torch.allclose(a, b, atol=1e-12)
 
 
 # -- shapes, sizes, ContMix's upsample rule -------------------------------------------------------------------------
