@@ -33,10 +33,13 @@ def build_backbone(cfg: ModelConfig, *, classification: bool) -> nn.Module:
         backbone = BACKBONES.get(name)(**kwargs)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"model.backbone ({name}): {e}") from None
+    if not classification and hasattr(backbone, "reset_classifier"):
+        # A segmentor never uses the classifier (unused params upset DDP). Removed before loading, so that dense
+        # (mm-style) checkpoints, which have no classifier keys, load strictly; a classification checkpoint's
+        # head keys are dropped by load_pretrained (the family's head_key_prefixes).
+        backbone.reset_classifier(0)
     if cfg.backbone.pretrained:
         load_pretrained(backbone, cfg.backbone.pretrained)
-    if not classification and hasattr(backbone, "reset_classifier"):
-        backbone.reset_classifier(0)  # a segmentor never uses the classifier; unused params upset DDP
     if cfg.backbone.freeze:
         for p in backbone.parameters():
             p.requires_grad_(False)

@@ -47,3 +47,23 @@ def test_classification_task_builds_classifier():
                                        "model": {"backbone": {"name": "test_mambaout"}, "num_classes": 7},
                                        "data": {"dataset": {"name": "synthetic2d"}}}))
     assert isinstance(cls, Classifier) and cls(torch.randn(2, 3, 64, 64)).shape == (2, 7)
+
+
+@pytest.mark.parametrize("layout", ["classification", "dense_mm"])
+def test_segmentor_backbone_loads_classification_and_dense_checkpoints(tmp_path, layout):
+    """``model.backbone.pretrained``: an ImageNet-style file (its classifier dropped) and an mm-style dense file
+    (``backbone.`` keys, no classifier) both load strictly into the segmentor's backbone."""
+    from attnseg.registry import BACKBONES
+
+    torch.manual_seed(1)
+    source = BACKBONES.get("test_mambaout")(num_classes=10)
+    if layout == "classification":
+        state = {"model": source.state_dict()}
+    else:
+        state = {"state_dict": {f"backbone.{k}": v for k, v in source.state_dict().items() if not k.startswith("head.")}
+                 | {"decode_head.conv_seg.weight": torch.zeros(3, 8, 1, 1)}}
+    path = tmp_path / "backbone.pth"
+    torch.save(state, path)
+    model = build_model(_cfg(backbone={"name": "test_mambaout", "pretrained": str(path)}))
+    loaded = model.backbone.state_dict()
+    assert loaded and all(torch.equal(v, source.state_dict()[k]) for k, v in loaded.items())
