@@ -14,8 +14,8 @@ The network reads like the paper's figure:
 - **Focus-Net**: :class:`DynamicConvBlock` (ContMix) stages at strides 16 and 32, guided top-down by ``ctx``
   (projected to ``C4 / 4`` channels, upsampled to stride 16). Each ContMix block builds, for every pixel, a
   small (5x5) and a large (KxK) depthwise kernel from its affinity to 7x7 pooled context tokens, and applies
-  them with neighborhood aggregation (:func:`attnseg.ops.na2d_av`: windows clamped inside the map, NATTEN's
-  relative-position-bias rule).
+  them with neighborhood aggregation (:func:`aggregate`: :func:`attnseg.ops.na2d_av` semantics, windows clamped
+  inside the map, NATTEN's relative-position-bias rule; small maps take a dense scatter + matmul path).
 
 Faithfulness: with official weights, logits and every named intermediate equal the official model's
 (``tests/backbones/test_overlock.py`` checks the four parity fixtures: classification, its reparameterized form,
@@ -29,6 +29,8 @@ the segmentation and the detection backbones). Deviations, all additive:
   dense code the *normed* stride-8 map feeds the stride-16 stage there, so the pyramid path differs from the
   classification path; ``pyramid_norm=None`` returns the un-normed maps of the classification path.
 - ``num_classes=0`` removes both heads (dense use); ``forward`` then raises.
+- :meth:`OverLoCK.set_grad_checkpointing` takes the stages to checkpoint (stages 2 and 3 include their Focus blocks);
+  the official ``use_checkpoint`` counts blocks per stage.
 - Inputs are checked (:class:`~attnseg.errors.InputSizeError`). Any size from 32 pixels up runs: every
   stride-2 conv gives ``ceil(H / 2)``; a ContMix stage whose map is smaller than its kernel bilinearly
   upsamples the map so that its short side equals the kernel, aggregates, and average-pools back, as the
