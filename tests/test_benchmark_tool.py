@@ -37,3 +37,32 @@ def test_official_nat_modules_hold_each_variant():
                 "dinat_isotropic_base": "isotropic", "vitrpb_small": "isotropic"}
     assert {name: bench_models.official_nat_module(name) for name in expected} == expected
     assert set(expected) <= set(bench_models.VARIANTS["nat"])
+
+
+def test_unfold_fallback_has_natten_clamped_window_semantics():
+    """The official OverLoCK reference runs on this op: it must be na2d_av, not an approximation."""
+    import torch
+
+    import bench_backbones_ii
+    from attnseg.ops import na2d_av
+
+    g = torch.Generator().manual_seed(0)
+    for kernel, (h, w) in ((5, (9, 7)), (13, (14, 15))):
+        attn = torch.randn(2, 3, h, w, kernel**2, generator=g, dtype=torch.float64).softmax(-1)
+        value = torch.randn(2, 3, h, w, 4, generator=g, dtype=torch.float64)
+        expected = na2d_av(attn, value, kernel)
+        torch.testing.assert_close(bench_backbones_ii.unfold_na2d_av(attn, value, kernel), expected)
+
+
+def test_backbones_ii_report_checks_the_issue_targets():
+    import bench_backbones_ii
+
+    rows = [{"model": "transnext_micro", "ours_ips": 12.0, "ref_ips": 10.0, "ours_mib": 300.0, "ref_mib": 320.0,
+             "reps": 10}, {"model": "overlock_xt", "ours_ips": 9.0, "ref_ips": 10.0, "reps": 10}]
+    agg = [{"kernel": 13, "side": 14, "ours_ms": 1.0, "unfold_ms": 3.0, "max_abs_diff": 1e-7},
+           {"kernel": 17, "side": 32, "ours_ms": 2.0, "unfold_ms": 3.0, "max_abs_diff": 1e-7}]
+    text = bench_backbones_ii.render_backbones_ii(rows, agg)
+    assert "- transnext_micro: 1.20x (>= 1.0x required): met" in text
+    assert "- overlock_xt: 0.90x (>= 1.0x required): NOT met" in text
+    assert "- aggregation 13x13 on 14x14: 3.00x (>= 2x required): met" in text
+    assert "- aggregation 17x17 on 32x32: 1.50x (>= 2x required): NOT met" in text

@@ -143,14 +143,15 @@ def images_per_second(models: list[torch.nn.Module], size: int, reps: int = 10, 
 
 
 def peak_mib(kind: str, name: str, repo: str | None, size: int | None = None,
-             overrides: dict[str, Any] | None = None) -> float | None:
-    """RSS growth of a fresh process building the model and running one inference (weights included)."""
+             overrides: dict[str, Any] | None = None, builder: str = "bench_models") -> float | None:
+    """RSS growth of a fresh process building the model (by ``build`` of the module ``builder``) and running one
+    inference (weights included)."""
     size = size or input_size(name)
     code = (
         "import sys, torch\n"
         f"sys.path.insert(0, {str(REPO / 'tools')!r})\n"
         "from benchmark import rss_kib\n"
-        "from bench_models import build, BATCH\n"
+        f"from {builder} import build, BATCH\n"
         f"x = torch.randn(BATCH, 3, {size}, {size})\n"
         "base = rss_kib(reset_peak=True)\n"
         f"model = build({kind!r}, {name!r}, {repo!r}, **{overrides or {}!r})\n"

@@ -11,6 +11,10 @@ say why.
 ``python tools/benchmark.py models [--families halonet,biformer,nat] [--biformer-repo PATH] [--nat-repo PATH]``:
 CPU inference of every backbone variant against its reference implementation (tools/bench_models.py).
 
+``python tools/benchmark.py models-ii [--transnext-repo PATH] [--overlock-repo PATH]``: TransNeXt and OverLoCK
+against their official code, and ContMix's aggregation against the official unfold fallback
+(tools/bench_backbones_ii.py).
+
 ``python tools/benchmark.py swin-unetr``: Swin UNETR 3D (feature_size 48) forward on 96³ and sliding-window
 inference on 128³ against MONAI's SwinUNETR carrying the same weights (tools/bench_swin_unetr.py).
 
@@ -337,11 +341,14 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None and any(os.environ.get(k) != v for k, v in STEADY_MALLOC.items()):
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **STEADY_MALLOC})
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("suite", choices=["ops", "ops-gpu", "models", "swin-unetr"])
+    parser.add_argument("suite", choices=["ops", "ops-gpu", "models", "models-ii", "swin-unetr"])
     parser.add_argument("--quick", action="store_true", help="2D case only (ops)")
-    parser.add_argument("--families", default="halonet,biformer,nat", help="models: comma-separated families")
+    parser.add_argument("--families", default=None, help="models: comma-separated families (default: "
+                                                          "halonet,biformer,nat; models-ii: transnext,overlock)")
     parser.add_argument("--biformer-repo", help="models: a local checkout of rayleizhu/BiFormer (the reference)")
     parser.add_argument("--nat-repo", help="models: a local checkout of SHI-Labs/Neighborhood-Attention-Transformer")
+    parser.add_argument("--transnext-repo", help="models-ii: a local checkout of DaiShiResearch/TransNeXt")
+    parser.add_argument("--overlock-repo", help="models-ii: a local checkout of LMMMEng/OverLoCK")
     parser.add_argument("--out", default=str(REPO / "docs" / "benchmarks.md"))
     args = parser.parse_args(argv)
     if args.suite == "ops":
@@ -352,10 +359,17 @@ def main(argv: list[str] | None = None) -> int:
         from bench_swin_unetr import bench_swin_unetr, render_swin_unetr
 
         body = render_swin_unetr(bench_swin_unetr())
+    elif args.suite == "models-ii":
+        from bench_backbones_ii import bench_aggregation, bench_backbones, render_backbones_ii
+
+        families = (args.families or "transnext,overlock").split(",")
+        body = render_backbones_ii(bench_backbones(families, args.transnext_repo, args.overlock_repo),
+                                   bench_aggregation())
     else:
         from bench_models import bench_models, render_models
 
-        body = render_models(bench_models(args.families.split(","), args.biformer_repo, args.nat_repo))
+        families = (args.families or "halonet,biformer,nat").split(",")
+        body = render_models(bench_models(families, args.biformer_repo, args.nat_repo))
     out = Path(args.out)
     document = out.read_text() if out.is_file() else HEADER
     out.write_text(replace_section(document, args.suite, body))
