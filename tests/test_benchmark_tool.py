@@ -41,9 +41,9 @@ def test_official_nat_modules_hold_each_variant():
 
 def test_unfold_fallback_has_natten_clamped_window_semantics():
     """The official OverLoCK reference runs on this op: it must be na2d_av, not an approximation."""
+    import bench_backbones_ii
     import torch
 
-    import bench_backbones_ii
     from attnseg.ops import na2d_av
 
     g = torch.Generator().manual_seed(0)

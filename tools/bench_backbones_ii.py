@@ -26,7 +26,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-
 from bench_models import BATCH, images_per_second, peak_mib  # noqa: F401  (BATCH: peak_mib's child imports it here)
 
 VARIANTS = {
