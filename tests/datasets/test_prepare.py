@@ -200,9 +200,12 @@ def test_brain_configs_build_their_splits_on_prepared_folders(tmp_path, template
         assert s["image"].shape == (1, 128, 128) and s["mask"].shape == (128, 128)
         assert len(val) == val.source.prepared(0)["image"].shape[3] == 6  # every axial slice: 10 at 1 mm, 6 at 2 mm
     else:
-        crops = train[0]
-        assert len(crops) == 2 and all(c["image"].shape == (1, 64, 64, 64) for c in crops)
-        assert len(train) == 40 and [c.id for c in val.cases] == [c.id for c in test.cases]
+        item = train[0]
+        crop = cfg.data.volume.crop
+        crops = item if isinstance(item, list) else [item]
+        assert len(crops) == crop.num_samples and all(c["image"].shape == (1, *crop.spatial_size) for c in crops)
+        assert len(train) == cfg.data.dataset.kwargs["train_repeats"] and len(train.cases) == 1
+        assert [c.id for c in val.cases] == [c.id for c in test.cases]
         held_out = val[0]
         assert held_out["image"].shape[1:] == held_out["mask"].shape
         assert held_out["meta"]["spacing"] == pytest.approx((2.0, 2.0, 2.0))
