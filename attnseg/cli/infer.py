@@ -179,9 +179,9 @@ def _infer_volumes(args: argparse.Namespace, cfg: Any, model: torch.nn.Module) -
             Image.fromarray(volume_montage(image_ras, labels_ras, n_cls)).save(png)
             written.append(png)
         counts = np.bincount(pred.labels.reshape(-1), minlength=n_cls)[1:]
-        print(f"{', '.join(str(f) for f in files)} -> {', '.join(str(w) for w in written)} "
-              f"(grid {list(pred.labels.shape)}, predicted on {list(pred.processed_shape)}; foreground voxels per "
-              f"class {counts.tolist()})")
+        tqdm.write(f"{', '.join(str(f) for f in files)} -> {', '.join(str(w) for w in written)} "
+                   f"(grid {list(pred.labels.shape)}, predicted on {list(pred.processed_shape)}; foreground voxels per "
+                   f"class {counts.tolist()})")
     return 0
 
 
@@ -267,7 +267,7 @@ def _infer_images(args: argparse.Namespace, cfg: Any, model: torch.nn.Module) ->
             mask = model.postprocess(logits)[0].cpu().numpy().astype(np.uint8 if n_cls <= 256 else np.int32)
         Image.fromarray(mask).save(out_dir / f"{path.stem}_mask.png")
         Image.fromarray(overlay_image(image, mask, n_cls)).save(out_dir / f"{path.stem}_overlay.png")
-        print(f"{path} -> {out_dir / (path.stem + '_mask.png')} ({mask.shape[1]}x{mask.shape[0]})")
+        tqdm.write(f"{path} -> {out_dir / (path.stem + '_mask.png')} ({mask.shape[1]}x{mask.shape[0]})")
     return 0
 
 
