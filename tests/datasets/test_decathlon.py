@@ -364,6 +364,10 @@ def test_training_on_a_decathlon_folder_with_sliding_window_validation(tmp_path,
     assert m["val/mDice"] > 0.5  # measured 0.77: liver and tumour are found in whole validation volumes
     res = evaluate(cfg, result["last_checkpoint"])
     assert res["class_names"] == ["background", "liver", "tumour"] and "mHD95" in res
+    # one row per validation volume, named by its case id; the checkpoint records the stored label values
+    assert sorted(r["case"] for r in res["cases"]) == sorted(c.id for c in val.cases)
+    saved = torch.load(result["last_checkpoint"], map_location="cpu", weights_only=True)["attnseg_classes"]
+    assert saved == {"class_names": ["background", "liver", "tumour"], "label_values": [0, 1, 2]}
 
 
 @pytest.mark.slow
