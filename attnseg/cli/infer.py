@@ -142,7 +142,8 @@ def _checkpoint_label_values(checkpoint: str) -> list[int] | None:
     return [int(v) for v in values] if values else None
 
 
-def _infer_volumes(args: argparse.Namespace, cfg: Any, model: torch.nn.Module) -> int:
+def _infer_volumes(args: argparse.Namespace, cfg: Any, model: torch.nn.Module,
+                   cases: list[tuple[str, list[Path]]]) -> int:
     from PIL import Image
     from tqdm import tqdm
 
@@ -151,7 +152,6 @@ def _infer_volumes(args: argparse.Namespace, cfg: Any, model: torch.nn.Module) -
     from attnseg.engine.volume_inference import VolumePredictor, as_closest_ras, read_volume, save_like
     from attnseg.visualize import volume_montage
 
-    cases = expand_volume_inputs(args.inputs, cfg.model.in_chans)
     # Check every NIfTI header before predicting anything (a bad file found after an hour helps no one).
     header_check = CaseLoader(prepare=lambda d: d, label_values=[0], in_chans=cfg.model.in_chans)
     for name, files in cases:
@@ -226,19 +226,18 @@ def _main(argv: Sequence[str] | None) -> int:
     cfg = load_config(args.config, args.overrides)
     if cfg.task != "segmentation":
         raise ConfigError(f"attnseg-infer handles segmentation configs; {args.config} has task: {cfg.task}")
-    if cfg.model.spatial_dims == 3:
-        expand_volume_inputs(args.inputs, cfg.model.in_chans)  # input errors before the model is built
-    else:
-        expand_inputs(args.inputs)
+    # Inputs are expanded (and bad ones refused) before the model is built.
+    volumes = expand_volume_inputs(args.inputs, cfg.model.in_chans) if cfg.model.spatial_dims == 3 else None
+    images = expand_inputs(args.inputs) if volumes is None else None
     model = build_model(cfg)
     load_pretrained(model, args.checkpoint)
     model.eval().to(args.device)
-    if cfg.model.spatial_dims == 3:
-        return _infer_volumes(args, cfg, model)
-    return _infer_images(args, cfg, model)
+    if volumes is not None:
+        return _infer_volumes(args, cfg, model, volumes)
+    return _infer_images(args, cfg, model, images)
 
 
-def _infer_images(args: argparse.Namespace, cfg: Any, model: torch.nn.Module) -> int:
+def _infer_images(args: argparse.Namespace, cfg: Any, model: torch.nn.Module, files: list[Path]) -> int:
     from PIL import Image
     from tqdm import tqdm
 
@@ -246,7 +245,6 @@ def _infer_images(args: argparse.Namespace, cfg: Any, model: torch.nn.Module) ->
     from attnseg.datasets.transforms import build_transform
     from attnseg.engine.inference import flip_tta, predict_logits
 
-    files = expand_inputs(args.inputs)
     overlap = 0.25 if args.overlap is None else args.overlap
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
