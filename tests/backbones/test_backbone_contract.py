@@ -5,7 +5,8 @@ import torch
 
 from attnseg.registry import BACKBONES
 
-VARIANTS = ["test_nat", "test_nat_isotropic", "test_biformer", "test_halonet", "test_transnext", "test_overlock"]
+VARIANTS = ["test_nat", "test_nat_isotropic", "test_biformer", "test_halonet", "test_transnext", "test_overlock",
+            "test_resnet"]
 
 
 @pytest.mark.parametrize("name", VARIANTS)
