@@ -48,6 +48,9 @@ for backward); 512x512 gives 16384^2 (1 GiB per sample each). Two options:
   ``attention_stride`` instead of exhausting memory; :meth:`MSGAHead.attention_bytes` gives the estimate for an
   image size and batch. ``None`` disables the check.
 
+**Initialisation**: the official ``weights_init`` (:func:`official_init`: xavier-normal conv weights, BatchNorm
+weight N(1, 0.02), bias 0); PAM/CAM ``gamma`` start at 0.
+
 **Deviations from the official code.** ``num_classes`` and the pyramid are configurable (official: 5 classes,
 ResNeXt-101 at strides 4..32); the widths of the hard-coded ``BatchNorm2d(64)`` follow ``channels``. The modules the
 official model builds but never uses (``attention1-4``, ``refine1-4``, ``conv6_*``, ``conv7_*``) are not built: the
@@ -71,11 +74,21 @@ from attnseg.heads._common import check_head_inputs, label_map
 from attnseg.layers.danet import ChannelAttention, PositionAttention, position_attention_bytes
 from attnseg.registry import HEADS
 
-__all__ = ["ConvBNPReLU", "MultiConv", "AttentionBranch", "SemanticModule", "GuidedAttention", "MSGAHead",
+__all__ = ["official_init", "ConvBNPReLU", "MultiConv", "AttentionBranch", "SemanticModule", "GuidedAttention", "MSGAHead",
            "TRAIN_KEYS"]
 
 TRAIN_KEYS = ("logits", "predictions", "semantic_pairs", "reconstruction_pairs")
 DEFAULT_MAX_ATTENTION_BYTES = 4 * 2**30
+
+
+def official_init(module: nn.Module) -> None:
+    """The official ``weights_init`` (``src/main.py``), for ``module.apply``: xavier-normal weights of every
+    (transposed) convolution, BatchNorm weight ~ N(1, 0.02) and bias 0. Conv biases keep PyTorch's init."""
+    if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+        nn.init.xavier_normal_(module.weight)
+    elif isinstance(module, nn.BatchNorm2d):
+        nn.init.normal_(module.weight, 1.0, 0.02)
+        nn.init.zeros_(module.bias)
 
 
 def _upsample(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -319,6 +332,7 @@ class MSGAHead(nn.Module):
         self.guide1 = GuidedAttention(n, c, pool, max_attention_bytes)
         self.guide2 = GuidedAttention(n, c, pool, max_attention_bytes)
         self.predict = nn.ModuleList(nn.Conv2d(c, num_classes, 1) for _ in range(n))
+        self.apply(official_init)
 
     def required_divisor(self, strides: Sequence[int]) -> int:
         """Image sizes must be multiples of this: ``lcm(deepest stride, 4 * finest stride, attention_stride)``."""

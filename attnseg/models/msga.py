@@ -7,7 +7,7 @@ Paper: Ashish Sinha, Jose Dolz, "Multi-scale self-guided attention for medical i
 
 The encoder is torchvision's ``resnext101_32x8d`` with a one-channel 7x7 first conv, **randomly initialised** (the
 paper trains from scratch on CHAOS MRI), tapped at ``layer1``-``layer4`` (strides 4-32, 256-2048 channels). The whole
-network gets the official ``weights_init`` (:func:`official_init`: xavier-normal conv weights, BatchNorm weights
+network gets the official ``weights_init`` (:func:`~attnseg.heads.msga.official_init`: xavier-normal conv weights, BatchNorm weights
 N(1, 0.02), zero BatchNorm biases). :class:`MSGA` is a :class:`~attnseg.models.Segmentor`: any input size is padded
 to a multiple of 32 and cropped back; eval mode returns the mean of the four refined logits, training mode the dict
 :class:`~attnseg.engine.losses.MSGALoss` takes.
@@ -19,24 +19,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import nn
-
 from attnseg.backbones.resnet import ResNet
-from attnseg.heads.msga import MSGAHead
+from attnseg.heads.msga import MSGAHead, official_init
 from attnseg.models.segmentor import Segmentor
 from attnseg.registry import MODELS
 
-__all__ = ["MSGA", "official_init", "msga_resnext101", "test_msga"]
-
-
-def official_init(module: nn.Module) -> None:
-    """The official ``weights_init`` (``src/main.py``), for ``module.apply``: xavier-normal weights of every
-    (transposed) convolution, BatchNorm weight ~ N(1, 0.02) and bias 0. Conv biases keep PyTorch's init."""
-    if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
-        nn.init.xavier_normal_(module.weight)
-    elif isinstance(module, nn.BatchNorm2d):
-        nn.init.normal_(module.weight, 1.0, 0.02)
-        nn.init.zeros_(module.bias)
+__all__ = ["MSGA", "msga_resnext101", "test_msga"]
 
 
 class MSGA(Segmentor):
