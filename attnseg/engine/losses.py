@@ -15,7 +15,7 @@ from torch import nn
 
 from attnseg.registry import LOSSES
 
-__all__ = ["CrossEntropyLoss", "DiceLoss", "DiceCELoss", "FocalLoss"]
+__all__ = ["CrossEntropyLoss", "DiceLoss", "DiceCELoss", "FocalLoss", "MSGALoss"]
 
 
 def _valid_mask(target: torch.Tensor, ignore_index: int | None) -> torch.Tensor:
@@ -202,3 +202,61 @@ LOSSES.register("ce", cls=CrossEntropyLoss)(CrossEntropyLoss)
 LOSSES.register("dice", cls=DiceLoss)(DiceLoss)
 LOSSES.register("dice_ce", cls=DiceCELoss)(DiceCELoss)
 LOSSES.register("focal", cls=FocalLoss)(FocalLoss)
+
+
+class MSGALoss(nn.Module):
+    """The multi-scale guided attention loss (Sinha & Dolz 2020, ``src/main.py`` of sinAshish/Multi-Scale-Attention):
+
+    ``L = ce_weight * sum_p CE(p, y) + semantic_weight * sum_k MSE(v1_k, v2_k)
+    + reconstruction_weight * sum_m MSE(I_m, r_m)``
+
+    over the training output of :class:`~attnseg.heads.msga.MSGAHead`: the ``2N`` predictions (8 for four levels;
+    first-level and refined logits at image size), the ``N`` semantic-vector pairs of the two guidance levels and the
+    ``2N`` (module input, reconstruction) pairs. Defaults are the paper's 1, 0.25, 0.1. Neither MSE term is detached
+    (as in the official code, the reconstruction target ``I`` receives gradients too). ``ignore_index`` and
+    ``class_weights`` apply to the CE terms (binary CE when ``num_classes == 1``); the MSE terms do not use the
+    target. The eval-mode output (a Tensor: the averaged logits) gets the CE term alone, so ``val/loss`` is one CE,
+    not comparable with the training loss.
+    """
+
+    accepts: tuple[str, ...] = ("msga", "logits")
+    target_key: str = "mask"
+
+    def __init__(
+        self,
+        num_classes: int,
+        ignore_index: int | None = None,
+        ce_weight: float = 1.0,
+        semantic_weight: float = 0.25,
+        reconstruction_weight: float = 0.1,
+        class_weights: list[float] | None = None,
+        label_smoothing: float = 0.0,
+    ) -> None:
+        super().__init__()
+        for name, value in (("ce_weight", ce_weight), ("semantic_weight", semantic_weight),
+                            ("reconstruction_weight", reconstruction_weight)):
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.ce_weight = ce_weight
+        self.semantic_weight = semantic_weight
+        self.reconstruction_weight = reconstruction_weight
+        self.ce = CrossEntropyLoss(num_classes, ignore_index, class_weights, label_smoothing)
+
+    def forward(self, output: torch.Tensor | dict, target: torch.Tensor) -> torch.Tensor:
+        if isinstance(output, torch.Tensor):
+            return self.ce(output, target)
+        missing = [k for k in ("predictions", "semantic_pairs", "reconstruction_pairs") if k not in output]
+        if missing:
+            raise ValueError(f"MSGALoss expects the MSGA head's training output (a dict with predictions, "
+                             f"semantic_pairs, reconstruction_pairs) or eval logits; the dict lacks {missing}")
+        loss = self.ce_weight * sum(self.ce(p, target) for p in output["predictions"])
+        if self.semantic_weight:
+            loss = loss + self.semantic_weight * sum(F.mse_loss(a, b) for a, b in output["semantic_pairs"])
+        if self.reconstruction_weight:
+            loss = loss + self.reconstruction_weight * sum(F.mse_loss(x, r) for x, r in output["reconstruction_pairs"])
+        return loss
+
+
+LOSSES.register("msga", cls=MSGALoss)(MSGALoss)
