@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from attnseg.layers import connectivity as conn
 from attnseg.registry import LOSSES
 
 __all__ = ["CrossEntropyLoss", "DiceLoss", "DiceCELoss", "FocalLoss", "MSGALoss"]
@@ -202,6 +203,202 @@ LOSSES.register("ce", cls=CrossEntropyLoss)(CrossEntropyLoss)
 LOSSES.register("dice", cls=DiceLoss)(DiceLoss)
 LOSSES.register("dice_ce", cls=DiceCELoss)(DiceCELoss)
 LOSSES.register("focal", cls=FocalLoss)(FocalLoss)
+
+
+class MSGALoss(nn.Module):
+    """The multi-scale guided attention loss (Sinha & Dolz 2020, ``src/main.py`` of sinAshish/Multi-Scale-Attention):
+
+    ``L = ce_weight * sum_p CE(p, y) + semantic_weight * sum_k MSE(v1_k, v2_k)
+    + reconstruction_weight * sum_m MSE(I_m, r_m)``
+
+    over the training output of :class:`~attnseg.heads.msga.MSGAHead`: the ``2N`` predictions (8 for four levels;
+    first-level and refined logits at image size), the ``N`` semantic-vector pairs of the two guidance levels and the
+    ``2N`` (module input, reconstruction) pairs. Defaults are the paper's 1, 0.25, 0.1. Neither MSE term is detached
+    (as in the official code, the reconstruction target ``I`` receives gradients too). ``ignore_index`` and
+    ``class_weights`` apply to the CE terms (binary CE when ``num_classes == 1``); the MSE terms do not use the
+    target. The eval-mode output (a Tensor: the averaged logits) gets the CE term alone, so ``val/loss`` is one CE,
+    not comparable with the training loss.
+    """
+
+    accepts: tuple[str, ...] = ("msga", "logits")
+    target_key: str = "mask"
+
+    def __init__(
+        self,
+        num_classes: int,
+        ignore_index: int | None = None,
+        ce_weight: float = 1.0,
+        semantic_weight: float = 0.25,
+        reconstruction_weight: float = 0.1,
+        class_weights: list[float] | None = None,
+        label_smoothing: float = 0.0,
+    ) -> None:
+        super().__init__()
+        for name, value in (("ce_weight", ce_weight), ("semantic_weight", semantic_weight),
+                            ("reconstruction_weight", reconstruction_weight)):
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.ce_weight = ce_weight
+        self.semantic_weight = semantic_weight
+        self.reconstruction_weight = reconstruction_weight
+        self.ce = CrossEntropyLoss(num_classes, ignore_index, class_weights, label_smoothing)
+
+    def forward(self, output: torch.Tensor | dict, target: torch.Tensor) -> torch.Tensor:
+        if isinstance(output, torch.Tensor):
+            return self.ce(output, target)
+        missing = [k for k in ("predictions", "semantic_pairs", "reconstruction_pairs") if k not in output]
+        if missing:
+            raise ValueError(f"MSGALoss expects the MSGA head's training output (a dict with predictions, "
+                             f"semantic_pairs, reconstruction_pairs) or eval logits; the dict lacks {missing}")
+        loss = self.ce_weight * sum(self.ce(p, target) for p in output["predictions"])
+        if self.semantic_weight:
+            loss = loss + self.semantic_weight * sum(F.mse_loss(a, b) for a, b in output["semantic_pairs"])
+        if self.reconstruction_weight:
+            loss = loss + self.reconstruction_weight * sum(F.mse_loss(x, r) for x, r in output["reconstruction_pairs"])
+        return loss
+
+
+LOSSES.register("msga", cls=MSGALoss)(MSGALoss)
+
+# -- connectivity (ConnNet / BiconNet / DconnNet) ---------------------------------------------------------------
+
+class ConnectivityLoss(nn.Module):
+    """The losses of the connectivity heads (BiconNets, BiconNet-Medical, DconnNet) on connectivity logits.
+
+    The output is the ``[B, N * K, *S]`` connectivity logits of :mod:`attnseg.heads.connectivity` (``K`` =
+    ``num_classes``, ``N`` = 8 or 4 neighbours in 2D, 26 or 6 in 3D, read from the channel count), or DconnNet's
+    training dict ``{"logits", "aux"}``, scored as ``L(logits) + aux_weight * L(aux)`` (the official 0.3). The target
+    is the integer mask ``[B, *S]``; the connectivity cube and edge maps are encoded from it on the fly
+    (:mod:`attnseg.layers.connectivity`). With ``P = sigmoid(logits)``, ``(S, V)`` = bilateral voting, ``C`` the true
+    cube, ``M`` the mask, ``E`` the edge map, and BCE on probabilities as the official code (``log`` clamped at -100):
+
+    - ``variant="dconnnet"`` (DconnNet ``connect_loss``, ISIC recipe), one class:
+      ``BCE(S, M) + BCE(P, C) + L_edge + bicon_weight * BCE(V, C) + Dice(S, M)``, ``bicon_weight`` 0.2; with
+      ``K > 1`` (its multi-class form): ``CE(S_logits, y) + BCE(P, C) + L_edge(sigmoid(V_logits)) + 0.2 * BCE(V, C) +
+      sum_{c >= 1} Dice(softmax(S_logits)_c, y == c)``, where ``S_logits, V_logits`` are votes on the raw logits.
+      ``L_edge = sum BCE(min_k V_k * E, 0) / sum(min_k V_k * E)`` (0 when the denominator is 0; the official code
+      gives NaN). Dice per image, smooth 1e-4, averaged over the batch. DconnNet's optional size-density ("SDL")
+      weighting of the multi-class Dice terms is not implemented.
+    - ``variant="dconnnet_chase"``: the CHASE-DB1 recipe, the same without the ``BCE(V, C)`` term.
+    - ``variant="bicon"`` (BiconNets ``bicon_loss``, one class): ``0.8 * BCE(P, C) + L_edge + 0.2 * BCE(V, C) +
+      BCE(S, M) + Dice(S, M)``, here ``L_edge = mean BCE(min_k V_k * E, 0)`` over all pixels and the Dice smooth
+      1e-3. Its Dice sums over axes 1 and 2 of ``S [B, 1, H, W]``: one Dice per image column (per ``(B, W)``), then
+      the mean; kept as the official code computes it.
+    - ``variant="biconnet_medical"`` (BiconNet-Medical ``connect_loss``): ``bicon`` with weight 1 on ``BCE(P, C)``.
+
+    Args:
+        num_classes: ``K`` (1: binary mask with values 0/1).
+        ignore_index: not supported (the connectivity of an unlabelled pixel is undefined): must be None.
+        variant: one of :attr:`VARIANTS`.
+        aux_weight: weight of the loss of the ``"aux"`` map when the output is DconnNet's training dict.
+        bicon_weight: weight of ``BCE(V, C)`` in the ``dconnnet`` variant (``dconnnet_chase`` is 0).
+
+    Example::
+
+        >>> loss = ConnectivityLoss(num_classes=1)
+        >>> mask = torch.zeros(2, 16, 20, dtype=torch.long); mask[:, 4:12, 5:15] = 1
+        >>> float(loss(torch.randn(2, 8, 16, 20), mask)) > 0
+        True
+    """
+
+    accepts: tuple[str, ...] = ("connectivity",)
+    target_key: str = "mask"
+    VARIANTS = ("dconnnet", "dconnnet_chase", "bicon", "biconnet_medical")
+
+    def __init__(self, num_classes: int, ignore_index: int | None = None, variant: str = "dconnnet",
+                 aux_weight: float = 0.3, bicon_weight: float = 0.2) -> None:
+        super().__init__()
+        if ignore_index is not None:
+            raise ValueError(f"the connectivity loss does not support ignore_index (got {ignore_index}): an ignored "
+                             "pixel has no defined connectivity; map it to a class in the dataset")
+        if variant not in self.VARIANTS:
+            raise ValueError(f"unknown connectivity loss variant {variant!r} (choose from {', '.join(self.VARIANTS)})")
+        if variant in ("bicon", "biconnet_medical") and num_classes != 1:
+            raise ValueError(f"variant {variant!r} is a single-class loss (BiconNets); with {num_classes=} use "
+                             "variant='dconnnet' (DconnNet's multi-class loss)")
+        if aux_weight < 0 or bicon_weight < 0:
+            raise ValueError(f"aux_weight and bicon_weight must be >= 0, got {aux_weight=}, {bicon_weight=}")
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.variant = variant
+        self.aux_weight = aux_weight
+        self.bicon_weight = 0.0 if variant == "dconnnet_chase" else bicon_weight
+
+    def forward(self, output: torch.Tensor | dict[str, torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+        if isinstance(output, dict):
+            loss = self._single(output["logits"], target)
+            if "aux" in output and self.aux_weight:
+                loss = loss + self.aux_weight * self._single(output["aux"], target)
+            return loss
+        return self._single(output, target)
+
+    def _single(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        dims = logits.dim() - 2
+        k = self.num_classes
+        if logits.shape[1] % k or target.shape != (logits.shape[0], *logits.shape[2:]):
+            raise ValueError(f"connectivity loss: expected logits [B, N * {k}, *S] and a mask [B, *S], got "
+                             f"{list(logits.shape)} and {list(target.shape)}")
+        n = conn.check_neighbours(logits.shape[1] // k, dims)
+        device_type = logits.device.type
+        with torch.autocast(device_type=device_type, enabled=False):  # BCE on probabilities is not autocast-safe
+            logits = logits.float()
+            if k > 1:
+                return self._dconnnet_multi(logits, target, n)
+            return self._single_class(logits, target, n)
+
+    @staticmethod
+    def _edge_ratio(vote_out: torch.Tensor, edge: torch.Tensor) -> torch.Tensor:
+        """DconnNet's ``edge_loss``: ``sum BCE(min_k V_k * E, 0) / sum(min_k V_k * E)`` (0 if the sum is 0)."""
+        weakest = vote_out.amin(2) * edge
+        num = F.binary_cross_entropy(weakest, torch.zeros_like(weakest), reduction="sum")
+        den = weakest.sum()
+        return torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(num))
+
+    @staticmethod
+    def _dice(pred: torch.Tensor, truth: torch.Tensor, dims: tuple[int, ...], smooth: float) -> torch.Tensor:
+        inter = (pred * truth).sum(dims)
+        return (1 - (2 * inter + smooth) / (truth.sum(dims) + pred.sum(dims) + smooth)).mean()
+
+    def _single_class(self, logits: torch.Tensor, target: torch.Tensor, n: int) -> torch.Tensor:
+        mask = target.unsqueeze(1).float()  # [B, 1, *S]
+        cube = conn.encode(mask, n)  # [B, N, *S]
+        edge = conn.edge_map(cube, n)  # [B, 1, *S]
+        probs = torch.sigmoid(logits)
+        pred, votes = conn.vote(probs, n)  # [B, 1, *S], [B, 1, N, *S]
+        bce_mask = F.binary_cross_entropy(pred, mask)
+        bce_cube = F.binary_cross_entropy(probs, cube)
+        bce_votes = F.binary_cross_entropy(votes.squeeze(1), cube)
+        if self.variant.startswith("dconnnet"):
+            spatial = tuple(range(1, mask.dim() - 1))  # [B, *S] per image
+            loss = bce_mask + bce_cube + self._edge_ratio(votes, edge) + self._dice(pred[:, 0], mask[:, 0], spatial,
+                                                                                    1e-4)
+            return loss + self.bicon_weight * bce_votes if self.bicon_weight else loss
+        weakest = votes.squeeze(1).amin(1) * edge[:, 0]
+        edge_l = F.binary_cross_entropy(weakest, torch.zeros_like(weakest))
+        dice_l = self._dice(pred, mask, (1, 2), 1e-3)  # the official axes (1, 2) of [B, 1, H, W]
+        conn_weight = 0.8 if self.variant == "bicon" else 1.0
+        return conn_weight * bce_cube + edge_l + 0.2 * bce_votes + bce_mask + dice_l
+
+    def _dconnnet_multi(self, logits: torch.Tensor, target: torch.Tensor, n: int) -> torch.Tensor:
+        k = self.num_classes
+        onehot = F.one_hot(target.long(), k).movedim(-1, 1).float()  # [B, K, *S]
+        cube = conn.encode(onehot, n)  # [B, N * K, *S]
+        edge = conn.edge_map(cube, n)  # [B, K, *S]
+        final, votes = conn.vote(logits, n)  # votes on the raw logits: [B, K, *S], [B, K, N, *S]
+        bicon = conn.vote(torch.sigmoid(logits), n)[1].flatten(1, 2)  # [B, N * K, *S]
+        edge_l = self._edge_ratio(torch.sigmoid(votes), edge)
+        pred = torch.softmax(final, dim=1)
+        spatial = tuple(range(1, target.dim()))
+        dice_l = sum(self._dice(pred[:, j], onehot[:, j], spatial, 1e-4) for j in range(1, k))
+        ce = F.cross_entropy(final, target.long())
+        conn_l = F.binary_cross_entropy(torch.sigmoid(logits), cube)
+        bicon_l = F.binary_cross_entropy(bicon, cube)
+        return ce + conn_l + edge_l + self.bicon_weight * bicon_l + dice_l
+
+
+LOSSES.register("connectivity", cls=ConnectivityLoss)(ConnectivityLoss)
 
 
 class MSGALoss(nn.Module):
