@@ -400,6 +400,14 @@ def _check_component(registry: Registry, section: str, comp: Component | None, p
             pass
 
 
+def _registered_class(registry: Registry, raw: Any) -> type | None:
+    """The class behind a config section ``{name: ...}`` (the factory itself when it is a class), or None."""
+    if not isinstance(raw, dict) or not isinstance(raw.get("name"), str) or raw["name"] not in registry:
+        return None
+    factory = registry.get(raw["name"])
+    return factory if isinstance(factory, type) else registry.owner_class(raw["name"])
+
+
 def _type_hints(registry: Registry, name: str) -> dict[str, Any]:
     fn = registry.get(name)
     hints: dict[str, Any] = {}
@@ -498,6 +506,11 @@ def validate_config(data: dict[str, Any], source: str | None = None) -> Experime
     data = _strip_delete_markers(data)
     problems: list[str] = []
     cfg: ExperimentConfig | None = None
+    raw_head = data["model"].get("head") if isinstance(data.get("model"), dict) else None
+    head_cls = _registered_class(HEADS, raw_head)
+    default_loss = getattr(head_cls, "default_loss", None)
+    if "loss" not in data and default_loss:
+        data = {**data, "loss": {"name": default_loss}}  # a head with its own output takes its own loss by default
     try:
         cfg = ExperimentConfig.model_validate(data)
     except ValidationError as e:
@@ -520,6 +533,17 @@ def validate_config(data: dict[str, Any], source: str | None = None) -> Experime
             _check_component(registry, section, comp, problems)
     if cfg is not None and cfg.task == "segmentation" and cfg.model.head is None:
         problems.append("model.head: required key is missing (a segmentation task needs a head)")
+    loss_cls = _registered_class(LOSSES, data.get("loss"))
+    if cfg is not None and cfg.task == "segmentation" and head_cls is not None and loss_cls is not None:
+        kind = str(getattr(head_cls, "output_kind", "logits"))
+        accepts = tuple(getattr(loss_cls, "accepts", ("logits",)))
+        if kind not in accepts:
+            hint = f"; use loss.name: {default_loss} (the head's own loss)" if default_loss else ""
+            problems.append(f"loss.name: '{cfg.loss.name}' takes {' or '.join(accepts)} outputs, but head "
+                            f"'{cfg.model.head.name}' gives {kind} outputs{hint}")
+        if kind == "landmarks" and cfg.evaluation.sliding_window:
+            problems.append(f"evaluation.sliding_window: head '{cfg.model.head.name}' predicts landmarks of the "
+                            "whole image, which windows cannot blend; set it to false")
     if cfg is not None and cfg.data.volume is not None:
         if cfg.model.spatial_dims != 3:
             problems.append("data.volume: MONAI volume transforms need 3D data (model.spatial_dims: 3); use "

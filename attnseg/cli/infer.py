@@ -261,7 +261,7 @@ def _infer_images(args: argparse.Namespace, cfg: Any, model: torch.nn.Module, fi
             return predict_logits(model, t, roi_size=roi, overlap=overlap)
 
         with torch.inference_mode():
-            logits = flip_tta(predict, x) if args.tta else predict(x)
+            logits = flip_tta(predict, x, getattr(model, "flip_output", None)) if args.tta else predict(x)
             mask = model.postprocess(logits)[0].cpu().numpy().astype(np.uint8 if n_cls <= 256 else np.int32)
         Image.fromarray(mask).save(out_dir / f"{path.stem}_mask.png")
         Image.fromarray(overlay_image(image, mask, n_cls)).save(out_dir / f"{path.stem}_overlay.png")

@@ -3,6 +3,10 @@
 Every segmentation loss takes logits ``[B, C, *spatial]`` and an integer target ``[B, *spatial]`` (2D or
 3D alike). ``num_classes == 1`` means a binary task with a single sigmoid channel (target values 0/1).
 Pixels equal to ``ignore_index`` contribute nothing to any term.
+
+Heads with a structured output (MSGA, connectivity, HybridGNet landmarks) have their own losses here. Every loss
+declares ``accepts``, the head ``output_kind`` values it takes (config validation refuses other pairings), and
+``target_key``, the batch entry the task passes as ``target`` (``"mask"``, or ``"landmarks"``).
 """
 
 from __future__ import annotations
@@ -16,7 +20,14 @@ from torch import nn
 from attnseg.layers import connectivity as conn
 from attnseg.registry import LOSSES
 
-__all__ = ["CrossEntropyLoss", "DiceLoss", "DiceCELoss", "FocalLoss", "MSGALoss"]
+__all__ = ["SegmentationLoss", "CrossEntropyLoss", "DiceLoss", "DiceCELoss", "FocalLoss", "MSGALoss"]
+
+
+class SegmentationLoss(nn.Module):
+    """Base of the losses on plain logits ``[B, C, *S]`` against an integer mask ``[B, *S]``."""
+
+    accepts: tuple[str, ...] = ("logits",)
+    target_key: str = "mask"
 
 
 def _valid_mask(target: torch.Tensor, ignore_index: int | None) -> torch.Tensor:
@@ -34,7 +45,7 @@ def _class_weights(weights: Sequence[float] | None, num_classes: int) -> torch.T
     return torch.as_tensor(list(weights), dtype=torch.float32)
 
 
-class CrossEntropyLoss(nn.Module):
+class CrossEntropyLoss(SegmentationLoss):
     """Cross-entropy (softmax over classes), or binary cross-entropy when ``num_classes == 1``.
 
     Args:
@@ -74,7 +85,7 @@ class CrossEntropyLoss(nn.Module):
         )
 
 
-class DiceLoss(nn.Module):
+class DiceLoss(SegmentationLoss):
     """Soft Dice loss, 1 - mean over classes of 2|P∩T| / (|P| + |T|), summed over the whole batch.
 
     Args:
@@ -128,7 +139,7 @@ class DiceLoss(nn.Module):
         return loss.mean()
 
 
-class DiceCELoss(nn.Module):
+class DiceCELoss(SegmentationLoss):
     """``lambda_dice * Dice + lambda_ce * CE`` (MONAI's DiceCELoss with softmax / sigmoid)."""
 
     def __init__(
@@ -155,7 +166,7 @@ class DiceCELoss(nn.Module):
         return self.lambda_dice * self.dice(logits, target) + self.lambda_ce * self.ce(logits, target)
 
 
-class FocalLoss(nn.Module):
+class FocalLoss(SegmentationLoss):
     """Focal loss (Lin et al. 2017): ``-alpha_t (1 - p_t)^gamma log p_t``, averaged over valid pixels.
 
     Args:

@@ -22,6 +22,7 @@ from attnseg.config import EvaluationConfig, ExperimentConfig, OptimizerConfig, 
 from attnseg.engine.inference import predict_logits
 from attnseg.engine.metrics import SegmentationMetrics
 from attnseg.engine.optim import build_optimizer, build_scheduler
+from attnseg.heads._common import label_map
 
 __all__ = ["SegmentationTask", "ClassificationTask"]
 
@@ -78,9 +79,11 @@ class SegmentationTask(_Task):
     """Segmentation training and evaluation (2D or 3D).
 
     Args:
-        model: a module mapping ``[B, in_chans, *spatial]`` to logits ``[B, C, *spatial]`` with a
-            ``postprocess(logits) -> labels`` method (Segmentor).
-        loss: module ``loss(logits, target) -> scalar``.
+        model: a module mapping ``[B, in_chans, *spatial]`` to logits ``[B, C, *spatial]`` (or a head's structured
+            output) with a ``postprocess(output) -> labels`` method (Segmentor).
+        loss: module ``loss(output, target) -> scalar``; ``target`` is ``batch[loss.target_key]`` (default
+            ``"mask"``; HybridGNet's loss takes ``"landmarks"``). Metrics always compare ``postprocess(output)``
+            with ``batch["mask"]``.
         config: the validated experiment config as plain data (``ExperimentConfig.model_dump()``).
         ignore_index: reference value excluded from loss and metrics.
         class_names: names for per-class metric keys.
@@ -115,7 +118,7 @@ class SegmentationTask(_Task):
         checkpoint["attnseg_classes"] = {"class_names": self.class_names, "label_values": self.label_values}
 
     # -- helpers -------------------------------------------------------------------------------------
-    def _predict(self, image: torch.Tensor) -> torch.Tensor:
+    def _predict(self, image: torch.Tensor) -> Any:
         ev = self.cfg.evaluation
         if not ev.sliding_window:
             return self.model(image)
@@ -123,16 +126,31 @@ class SegmentationTask(_Task):
         return predict_logits(self.model, image, roi_size=roi, overlap=ev.overlap, blend_mode=ev.blend_mode,
                               sw_batch_size=ev.sw_batch_size)
 
-    def _postprocess(self, logits: torch.Tensor) -> torch.Tensor:
+    def _postprocess(self, output: Any) -> torch.Tensor:
         post = getattr(self.model, "postprocess", None)
-        if post is not None:
-            return post(logits)
-        return (logits[:, 0] > 0).long() if logits.shape[1] == 1 else logits.argmax(1)
+        return post(output) if post is not None else label_map(output)
+
+    def _target(self, batch: dict[str, Any]) -> torch.Tensor:
+        """What the loss compares the output with: ``batch[loss.target_key]`` (the mask, or HybridGNet's landmarks)."""
+        key = getattr(self.loss_fn, "target_key", "mask")
+        if key not in batch:
+            raise KeyError(f"the loss {type(self.loss_fn).__name__} needs '{key}' in every batch; the dataset gives "
+                           f"{sorted(batch)}")
+        return batch[key]
+
+    def _landmark_error(self, output: Any, batch: dict[str, Any]) -> torch.Tensor | None:
+        """Mean point-to-point distance in pixels ``[B]`` of a landmark output against the batch's landmarks."""
+        if not (isinstance(output, dict) and "landmarks" in output and "landmarks" in batch):
+            return None
+        h, w = batch["image"].shape[-2:]
+        scale = torch.tensor([w, h], dtype=torch.float32, device=batch["landmarks"].device)
+        diff = (output["landmarks"].float() - batch["landmarks"].float()) * scale  # normalised (x, y) -> pixels
+        return diff.norm(dim=-1).mean(-1)
 
     # -- steps ---------------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        logits = self.model(batch["image"])
-        loss = self.loss_fn(logits, batch["mask"])
+        output = self.model(batch["image"])
+        loss = self.loss_fn(output, self._target(batch))
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=batch["image"].shape[0],
                  sync_dist=True)
         return loss
@@ -141,26 +159,36 @@ class SegmentationTask(_Task):
         self.val_metrics.reset()
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        logits = self._predict(batch["image"])
-        loss = self.loss_fn(logits, batch["mask"])
-        self.log("val/loss", loss, on_epoch=True, batch_size=batch["image"].shape[0], sync_dist=True)
-        self.val_metrics.update(self._postprocess(logits), batch["mask"])
+        output = self._predict(batch["image"])
+        n = batch["image"].shape[0]
+        self.log("val/loss", self.loss_fn(output, self._target(batch)), on_epoch=True, batch_size=n, sync_dist=True)
+        error = self._landmark_error(output, batch)
+        if error is not None:
+            self.log("val/landmark_error_px", error.mean(), on_epoch=True, batch_size=n, sync_dist=True)
+        self.val_metrics.update(self._postprocess(output), batch["mask"])
 
     def on_validation_epoch_end(self) -> None:
         self._log_metrics("val", self.val_metrics.compute())
 
     def on_test_epoch_start(self) -> None:
         self.test_metrics.reset()
+        self._test_landmark_errors: list[torch.Tensor] = []
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        logits = self._predict(batch["image"])
+        output = self._predict(batch["image"])
         metas = batch.get("meta") or [{}] * batch["image"].shape[0]
         ids = [m.get("id", f"{batch_idx}_{i}") for i, m in enumerate(metas)]
         spacings = [m.get("spacing") for m in metas]  # mm per axis for volumes; None: voxels
-        self.test_metrics.update(self._postprocess(logits), batch["mask"], ids=ids, spacings=spacings)
+        self.test_metrics.update(self._postprocess(output), batch["mask"], ids=ids, spacings=spacings)
+        error = self._landmark_error(output, batch)
+        if error is not None:
+            self._test_landmark_errors.append(error.cpu())
 
     def on_test_epoch_end(self) -> None:
         results = self.test_metrics.compute()
+        errors = getattr(self, "_test_landmark_errors", [])
+        if errors:
+            results["landmark_error_px"] = float(torch.cat(errors).mean())
         self.test_results = {"class_names": self.class_names, **results,
                              "cases": self.test_metrics.per_case(self.class_names)}
         self._log_metrics("test", results)

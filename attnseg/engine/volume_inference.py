@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from attnseg.engine.inference import flip_tta, predict_logits
+from attnseg.heads._common import class_probabilities
 
 __all__ = ["VolumeInput", "VolumePrediction", "VolumePredictor", "as_closest_ras", "case_name", "read_volume",
            "resample_to_grid", "save_like"]
@@ -251,14 +252,17 @@ class VolumePredictor:
                                   sw_batch_size=self.sw_batch_size, progress=self.progress)
 
         image = image.to(self.device)
-        return (flip_tta(run, image) if self.tta else run(image)).float().cpu()
+        unflip = getattr(self.model, "flip_output", None)
+        return (flip_tta(run, image, unflip) if self.tta else run(image)).float().cpu()
 
     def __call__(self, volume: VolumeInput, *, probabilities: bool = False) -> VolumePrediction:
         """Labels (and optionally class probabilities) of ``volume`` on its own grid."""
         image, processed_affine = self.prepare(volume)
-        logits = self.logits(image)[0]  # [K, *processed]
-        single = logits.shape[0] == 1
-        probs = torch.sigmoid(logits) if single else torch.softmax(logits, dim=0)
+        logits = self.logits(image)  # [1, K, *processed]
+        # The head's rule (a connectivity head votes its direction channels into class probabilities).
+        to_probs = getattr(self.model, "class_probabilities", None) or class_probabilities
+        probs = to_probs(logits)[0]
+        single = probs.shape[0] == 1
         # Outside the processed volume: background (probability 1 of class 0; 0 for a one-channel sigmoid).
         fill = [0.0] if single else [1.0] + [0.0] * (probs.shape[0] - 1)
         src_shape = volume.image.shape[1:]

@@ -1,15 +1,30 @@
-"""What the heads share: the check of ``forward(features, image)`` against the declared pyramid, and label maps."""
+"""What the heads share: the check of ``forward(features, image)`` against the declared pyramid, and the default
+rules from logits to label maps and class probabilities.
+
+A head's ``forward`` returns logits ``[B, C, *S]`` or, for heads with auxiliary outputs, a dict (``HeadOutput``);
+such a head declares ``output_kind`` (``"msga"``, ``"connectivity"``, ``"landmarks"``; plain heads ``"logits"``)
+and ``default_loss``, and implements ``crop_output``, ``postprocess`` and ``class_probabilities``: see
+:class:`~attnseg.models.Segmentor`.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, TypeAlias
 
 import torch
 from torch import nn
 
 from attnseg.errors import InputSizeError
 
-__all__ = ["check_head_inputs", "label_map"]
+__all__ = ["HeadOutput", "check_head_inputs", "class_probabilities", "head_output_kind", "label_map"]
+
+HeadOutput: TypeAlias = "torch.Tensor | dict[str, Any]"
+
+
+def head_output_kind(head: Any) -> str:
+    """What a head (class or instance) outputs: ``"logits"`` unless it declares another ``output_kind``."""
+    return str(getattr(head, "output_kind", "logits"))
 
 
 def check_head_inputs(head: nn.Module, features: Sequence[torch.Tensor], image: torch.Tensor,
@@ -41,3 +56,8 @@ def check_head_inputs(head: nn.Module, features: Sequence[torch.Tensor], image: 
 def label_map(logits: torch.Tensor) -> torch.Tensor:
     """``[B, C, *S]`` logits -> ``[B, *S]`` int64 labels: argmax over classes, or sigmoid > 0.5 for one channel."""
     return (logits[:, 0] > 0).long() if logits.shape[1] == 1 else logits.argmax(1)
+
+
+def class_probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """``[B, C, *S]`` logits -> probabilities: softmax over classes, or the sigmoid of a single channel."""
+    return torch.sigmoid(logits) if logits.shape[1] == 1 else torch.softmax(logits, dim=1)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from attnseg.errors import InputSizeError
+from attnseg.heads._common import HeadOutput, class_probabilities, label_map
 from attnseg.layers.dims import conv_type
 
 __all__ = ["Adapter", "Segmentor"]
@@ -87,7 +88,8 @@ class Segmentor(nn.Module):
     ``forward(x [B, C, *S]) -> logits [B, num_classes, *S]`` for any ``S``: the input is zero-padded on the far
     side to a multiple of ``size_divisor`` (see the module docstring), run through
     ``backbone.forward_pyramid`` -> ``adapter`` -> ``head(features, padded_image)``, and the logits are cropped
-    back. ``postprocess(logits) -> [B, *S]`` labels by the head's rule.
+    back. ``postprocess(logits) -> [B, *S]`` labels by the head's rule. Heads with a structured output (a dict:
+    MSGA's deep supervision in training, HybridGNet's landmarks) crop it with their ``crop_output(output, size)``.
 
     Args:
         backbone: a module with ``feature_info`` (``num_chs``, ``reduction`` per level) and ``forward_pyramid``.
@@ -158,17 +160,31 @@ class Segmentor(nn.Module):
         features = self.backbone.forward_pyramid(x)
         if self.adapter is not None:
             features = self.adapter(features)
-        logits = self.head(features, x)
+        output = self.head(features, x)
         if any(pad):
-            logits = logits[(..., *(slice(0, n) for n in size))]
-        return logits
+            if isinstance(output, torch.Tensor):
+                output = output[(..., *(slice(0, n) for n in size))]
+            else:  # a structured output (dict): only the head knows which entries are maps and which coordinates
+                output = self.head.crop_output(output, size)
+        return output
 
-    def postprocess(self, logits: torch.Tensor) -> torch.Tensor:
-        """Label map ``[B, *S]`` from logits, by the head's rule (default: argmax, or sigmoid > 0.5 for one class)."""
+    def postprocess(self, output: HeadOutput) -> torch.Tensor:
+        """Label map ``[B, *S]`` from the (eval) output, by the head's rule (default: argmax over classes, or
+        sigmoid > 0.5 for one channel)."""
         post = getattr(self.head, "postprocess", None)
-        if callable(post):
-            return post(logits)
-        return (logits[:, 0] > 0).long() if logits.shape[1] == 1 else logits.argmax(1)
+        return post(output) if callable(post) else label_map(output)
+
+    def class_probabilities(self, output: HeadOutput) -> torch.Tensor:
+        """Per-class probabilities ``[B, K, *S]`` from the (eval) output, by the head's rule (default: softmax
+        over classes, or the sigmoid of a single channel); what sliding-window volume inference resamples."""
+        probs = getattr(self.head, "class_probabilities", None)
+        return probs(output) if callable(probs) else class_probabilities(output)
+
+    def flip_output(self, output: torch.Tensor, axis: int) -> torch.Tensor:
+        """The output of a flipped input mapped back to the unflipped frame (test-time augmentation): a spatial
+        flip of ``axis``, plus whatever the head's channels need (connectivity channels swap directions)."""
+        flip = getattr(self.head, "flip_output", None)
+        return flip(output, axis) if callable(flip) else output.flip(axis)
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:

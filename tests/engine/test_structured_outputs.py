@@ -1,0 +1,111 @@
+"""The contract for heads with a structured output: Segmentor cropping, loss/head pairing in config validation,
+the head's default loss, the task's loss target, probabilities and test-time flips through the head."""
+
+import pytest
+import torch
+from torch import nn
+
+from attnseg.config import validate_config
+from attnseg.engine.inference import flip_tta
+from attnseg.errors import ConfigError
+from attnseg.models import Segmentor
+from attnseg.registry import BACKBONES, HEADS, LOSSES
+
+
+class PairHead(nn.Module):
+    """A toy head with an auxiliary output in training: ``{"logits", "aux"}``; plain logits in eval."""
+
+    output_kind = "pair"
+    default_loss = "test_pair"
+
+    def __init__(self, in_channels, strides, num_classes, spatial_dims=2, in_chans=3):
+        super().__init__()
+        self.in_channels, self.strides, self.num_classes, self.spatial_dims = in_channels, strides, num_classes, 2
+        self.size_divisor = max(strides)
+        self.proj = nn.Conv2d(in_channels[0], num_classes, 1)
+        self.cropped = []
+
+    def forward(self, features, image):
+        logits = nn.functional.interpolate(self.proj(features[0]), size=image.shape[2:], mode="nearest")
+        return {"logits": logits, "aux": 2 * logits} if self.training else logits
+
+    def crop_output(self, output, size):
+        self.cropped.append(tuple(size))
+        return {k: v[..., : size[0], : size[1]] for k, v in output.items()}
+
+    def class_probabilities(self, logits):
+        return torch.softmax(2 * logits, dim=1)
+
+    def flip_output(self, output, axis):
+        return output.flip(axis).roll(1, dims=1)  # a channel permutation, as connectivity heads need
+
+
+class PairLoss(nn.Module):
+    accepts = ("pair", "logits")
+    target_key = "mask"
+
+    def __init__(self, num_classes, ignore_index=None):
+        super().__init__()
+
+    def forward(self, output, target):
+        logits = output["logits"] if isinstance(output, dict) else output
+        loss = nn.functional.cross_entropy(logits, target)
+        return loss + nn.functional.cross_entropy(output["aux"], target) if isinstance(output, dict) else loss
+
+
+@pytest.fixture
+def pair_head():
+    HEADS.register("test_pair_head")(PairHead)
+    LOSSES.register("test_pair")(PairLoss)
+    yield
+    for registry, name in ((HEADS, "test_pair_head"), (LOSSES, "test_pair")):
+        registry._entries.pop(name)
+
+
+def _config(tmp_path, **extra):
+    return {
+        "work_dir": str(tmp_path),
+        "model": {"backbone": {"name": "test_resnet"}, "head": {"name": "test_pair_head"}, "num_classes": 3},
+        "data": {"dataset": {"name": "synthetic2d", "num_classes": 3, "image_size": [40, 40], "num_train": 4,
+                             "num_val": 2, "num_test": 2}, "batch_size": 2, "augment": None},
+        "trainer": {"max_epochs": 1, "progress_bar": "none", "loggers": ["csv"], "accelerator": "cpu", "devices": 1},
+        **extra,
+    }
+
+
+def test_segmentor_crops_a_structured_output_through_the_head(pair_head):
+    bb = BACKBONES.get("test_resnet")(num_classes=0)
+    model = Segmentor(bb, PairHead([f["num_chs"] for f in bb.feature_info], [4, 8, 16, 32], 3))
+    out = model.train()(torch.randn(1, 3, 45, 70))
+    assert model.head.cropped == [(45, 70)]
+    assert out["logits"].shape == out["aux"].shape == (1, 3, 45, 70)
+    logits = model.eval()(torch.randn(1, 3, 45, 70))
+    assert logits.shape == (1, 3, 45, 70)
+    torch.testing.assert_close(model.class_probabilities(logits), torch.softmax(2 * logits, 1))
+    x = torch.randn(1, 3, 45, 70)
+    # flip TTA maps each flipped prediction back through the head's rule, not a plain flip
+    with torch.no_grad():
+        tta = flip_tta(model, x, model.flip_output)
+        expected = (model(x) + model(x.flip(2)).flip(2).roll(1, 1) + model(x.flip(3)).flip(3).roll(1, 1)) / 3
+    torch.testing.assert_close(tta, expected)
+
+
+def test_the_heads_default_loss_is_used_when_no_loss_is_given(pair_head, tmp_path):
+    assert validate_config(_config(tmp_path)).loss.name == "test_pair"
+
+
+def test_a_loss_that_cannot_take_the_heads_output_is_refused(pair_head, tmp_path):
+    with pytest.raises(ConfigError) as err:
+        validate_config(_config(tmp_path, loss={"name": "dice_ce"}))
+    assert ("loss.name: 'dice_ce' takes logits outputs, but head 'test_pair_head' gives pair outputs; use "
+            "loss.name: test_pair") in str(err.value)
+
+
+def test_training_and_testing_pass_the_structured_output_to_the_loss(pair_head, tmp_path):
+    from attnseg.engine.runner import evaluate, train
+
+    result = train(validate_config(_config(tmp_path)))
+    assert result["global_step"] == 2
+    assert 0.0 <= result["metrics"]["val/mDice"] <= 1.0
+    metrics = evaluate(validate_config(_config(tmp_path)), result["last_checkpoint"], split="test")
+    assert 0.0 <= metrics["mDice"] <= 1.0
