@@ -216,63 +216,6 @@ LOSSES.register("dice_ce", cls=DiceCELoss)(DiceCELoss)
 LOSSES.register("focal", cls=FocalLoss)(FocalLoss)
 
 
-class MSGALoss(nn.Module):
-    """The multi-scale guided attention loss (Sinha & Dolz 2020, ``src/main.py`` of sinAshish/Multi-Scale-Attention):
-
-    ``L = ce_weight * sum_p CE(p, y) + semantic_weight * sum_k MSE(v1_k, v2_k)
-    + reconstruction_weight * sum_m MSE(I_m, r_m)``
-
-    over the training output of :class:`~attnseg.heads.msga.MSGAHead`: the ``2N`` predictions (8 for four levels;
-    first-level and refined logits at image size), the ``N`` semantic-vector pairs of the two guidance levels and the
-    ``2N`` (module input, reconstruction) pairs. Defaults are the paper's 1, 0.25, 0.1. Neither MSE term is detached
-    (as in the official code, the reconstruction target ``I`` receives gradients too). ``ignore_index`` and
-    ``class_weights`` apply to the CE terms (binary CE when ``num_classes == 1``); the MSE terms do not use the
-    target. The eval-mode output (a Tensor: the averaged logits) gets the CE term alone, so ``val/loss`` is one CE,
-    not comparable with the training loss.
-    """
-
-    accepts: tuple[str, ...] = ("msga", "logits")
-    target_key: str = "mask"
-
-    def __init__(
-        self,
-        num_classes: int,
-        ignore_index: int | None = None,
-        ce_weight: float = 1.0,
-        semantic_weight: float = 0.25,
-        reconstruction_weight: float = 0.1,
-        class_weights: list[float] | None = None,
-        label_smoothing: float = 0.0,
-    ) -> None:
-        super().__init__()
-        for name, value in (("ce_weight", ce_weight), ("semantic_weight", semantic_weight),
-                            ("reconstruction_weight", reconstruction_weight)):
-            if value < 0:
-                raise ValueError(f"{name} must be >= 0, got {value}")
-        self.num_classes = num_classes
-        self.ignore_index = ignore_index
-        self.ce_weight = ce_weight
-        self.semantic_weight = semantic_weight
-        self.reconstruction_weight = reconstruction_weight
-        self.ce = CrossEntropyLoss(num_classes, ignore_index, class_weights, label_smoothing)
-
-    def forward(self, output: torch.Tensor | dict, target: torch.Tensor) -> torch.Tensor:
-        if isinstance(output, torch.Tensor):
-            return self.ce(output, target)
-        missing = [k for k in ("predictions", "semantic_pairs", "reconstruction_pairs") if k not in output]
-        if missing:
-            raise ValueError(f"MSGALoss expects the MSGA head's training output (a dict with predictions, "
-                             f"semantic_pairs, reconstruction_pairs) or eval logits; the dict lacks {missing}")
-        loss = self.ce_weight * sum(self.ce(p, target) for p in output["predictions"])
-        if self.semantic_weight:
-            loss = loss + self.semantic_weight * sum(F.mse_loss(a, b) for a, b in output["semantic_pairs"])
-        if self.reconstruction_weight:
-            loss = loss + self.reconstruction_weight * sum(F.mse_loss(x, r) for x, r in output["reconstruction_pairs"])
-        return loss
-
-
-LOSSES.register("msga", cls=MSGALoss)(MSGALoss)
-
 # -- connectivity (ConnNet / BiconNet / DconnNet) ---------------------------------------------------------------
 
 class ConnectivityLoss(nn.Module):
@@ -290,8 +233,9 @@ class ConnectivityLoss(nn.Module):
       ``K > 1`` (its multi-class form): ``CE(S_logits, y) + BCE(P, C) + L_edge(sigmoid(V_logits)) + 0.2 * BCE(V, C) +
       sum_{c >= 1} Dice(softmax(S_logits)_c, y == c)``, where ``S_logits, V_logits`` are votes on the raw logits.
       ``L_edge = sum BCE(min_k V_k * E, 0) / sum(min_k V_k * E)`` (0 when the denominator is 0; the official code
-      gives NaN). Dice per image, smooth 1e-4, averaged over the batch. DconnNet's optional size-density ("SDL")
-      weighting of the multi-class Dice terms is not implemented.
+      gives NaN). Dice per image, smooth 1e-4, averaged over the batch. DconnNet's size-density loss (SDL, its
+      RETOUCH recipe) weights the multi-class Dice term of each image and class by ``log(1 / (d + 1e-4))``, ``d`` the
+      training-set density of that class's mask size: give ``sdl_pixel_counts``.
     - ``variant="dconnnet_chase"``: the CHASE-DB1 recipe, the same without the ``BCE(V, C)`` term.
     - ``variant="bicon"`` (BiconNets ``bicon_loss``, one class): ``0.8 * BCE(P, C) + L_edge + 0.2 * BCE(V, C) +
       BCE(S, M) + Dice(S, M)``, here ``L_edge = mean BCE(min_k V_k * E, 0)`` over all pixels and the Dice smooth
@@ -305,6 +249,11 @@ class ConnectivityLoss(nn.Module):
         variant: one of :attr:`VARIANTS`.
         aux_weight: weight of the loss of the ``"aux"`` map when the output is DconnNet's training dict.
         bicon_weight: weight of ``BCE(V, C)`` in the ``dconnnet`` variant (``dconnnet_chase`` is 0).
+        sdl_pixel_counts: SDL (``dconnnet``, ``K > 1``): for each foreground class ``1..K-1``, the foreground pixel
+            count of that class in every training mask. As the official ``Solver.get_density``: zeros are left out,
+            the counts are binned into ``sdl_bins`` bins of width ``(max + 50) / sdl_bins``, and ``d`` is the share
+            of the bin a mask's size falls in (sizes beyond the last bin use the last bin; the official code fails).
+        sdl_bins: number of SDL bins (official 50).
 
     Example::
 
@@ -319,7 +268,8 @@ class ConnectivityLoss(nn.Module):
     VARIANTS = ("dconnnet", "dconnnet_chase", "bicon", "biconnet_medical")
 
     def __init__(self, num_classes: int, ignore_index: int | None = None, variant: str = "dconnnet",
-                 aux_weight: float = 0.3, bicon_weight: float = 0.2) -> None:
+                 aux_weight: float = 0.3, bicon_weight: float = 0.2, sdl_pixel_counts: list[list[float]] | None = None,
+                 sdl_bins: int = 50) -> None:
         super().__init__()
         if ignore_index is not None:
             raise ValueError(f"the connectivity loss does not support ignore_index (got {ignore_index}): an ignored "
@@ -336,6 +286,32 @@ class ConnectivityLoss(nn.Module):
         self.variant = variant
         self.aux_weight = aux_weight
         self.bicon_weight = 0.0 if variant == "dconnnet_chase" else bicon_weight
+        self.sdl = None
+        if sdl_pixel_counts is not None:
+            if variant != "dconnnet" or num_classes < 2 or len(sdl_pixel_counts) != num_classes - 1:
+                raise ValueError(f"sdl_pixel_counts is DconnNet's multi-class SDL: variant 'dconnnet', num_classes >= 2 "
+                                 f"and one list of counts per foreground class ({num_classes - 1}); got {variant=}, "
+                                 f"{num_classes=}, {len(sdl_pixel_counts)} lists")
+            if not isinstance(sdl_bins, int) or sdl_bins < 1:
+                raise ValueError(f"sdl_bins must be an int >= 1, got {sdl_bins!r}")
+            self.sdl = [self._sdl_table(counts, sdl_bins, c + 1) for c, counts in enumerate(sdl_pixel_counts)]
+
+    @staticmethod
+    def _sdl_table(counts: Sequence[float], bins: int, cls: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(bin width, density per bin)`` of one class, as the official ``Solver.get_density``."""
+        nonzero = torch.tensor([v for v in counts if v != 0])
+        if nonzero.numel() == 0:
+            raise ValueError(f"sdl_pixel_counts of class {cls} has no non-zero count")
+        width = (nonzero.max() + 50) / bins
+        edges = torch.arange(bins + 1).float() * width
+        hist = torch.tensor([int(((nonzero >= edges[i]) & (nonzero < edges[i + 1])).sum()) for i in range(bins)])
+        return width, hist / hist.sum()
+
+    def _sdl_weight(self, truth: torch.Tensor, cls: int) -> torch.Tensor:
+        """Per-image weight ``log(1 / (d + 1e-4))`` of class ``cls`` (1..K-1) from its mask sizes ``[B]``."""
+        width, density = self.sdl[cls - 1]
+        index = (truth.sum(tuple(range(1, truth.dim()))).cpu() // width).long().clamp(max=density.numel() - 1)
+        return torch.log(1 / (density[index] + 0.0001)).to(truth.device)
 
     def forward(self, output: torch.Tensor | dict[str, torch.Tensor], target: torch.Tensor) -> torch.Tensor:
         if isinstance(output, dict):
@@ -368,9 +344,11 @@ class ConnectivityLoss(nn.Module):
         return torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(num))
 
     @staticmethod
-    def _dice(pred: torch.Tensor, truth: torch.Tensor, dims: tuple[int, ...], smooth: float) -> torch.Tensor:
+    def _dice(pred: torch.Tensor, truth: torch.Tensor, dims: tuple[int, ...], smooth: float,
+              weight: torch.Tensor | None = None) -> torch.Tensor:
         inter = (pred * truth).sum(dims)
-        return (1 - (2 * inter + smooth) / (truth.sum(dims) + pred.sum(dims) + smooth)).mean()
+        loss = 1 - (2 * inter + smooth) / (truth.sum(dims) + pred.sum(dims) + smooth)
+        return (loss * weight if weight is not None else loss).mean()
 
     def _single_class(self, logits: torch.Tensor, target: torch.Tensor, n: int) -> torch.Tensor:
         mask = target.unsqueeze(1).float()  # [B, 1, *S]
@@ -402,7 +380,8 @@ class ConnectivityLoss(nn.Module):
         edge_l = self._edge_ratio(torch.sigmoid(votes), edge)
         pred = torch.softmax(final, dim=1)
         spatial = tuple(range(1, target.dim()))
-        dice_l = sum(self._dice(pred[:, j], onehot[:, j], spatial, 1e-4) for j in range(1, k))
+        dice_l = sum(self._dice(pred[:, j], onehot[:, j], spatial, 1e-4,
+                                None if self.sdl is None else self._sdl_weight(onehot[:, j], j)) for j in range(1, k))
         ce = F.cross_entropy(final, target.long())
         conn_l = F.binary_cross_entropy(torch.sigmoid(logits), cube)
         bicon_l = F.binary_cross_entropy(bicon, cube)
