@@ -43,7 +43,7 @@ from attnseg.convert._strict import load_strict
 from attnseg.errors import CheckpointError
 from attnseg.models.msga import MSGA, msga_resnext101
 
-__all__ = ["convert_state_dict", "from_official", "is_official", "DROPPED_KEYS", "head_key"]
+__all__ = ["convert_state_dict", "convert_block", "from_official", "is_official", "DROPPED_KEYS", "head_key"]
 
 # Official modules built but never used in forward (see the module docstring), as patterns.
 DROPPED_KEYS = (r"attention[1-4]\..+", r"refine[1-4]\..+", r"conv6_[1-4]\..+", r"conv7_[1-4]\..+")
@@ -100,6 +100,37 @@ def head_key(key: str) -> str | None:
     if m:
         return f"guide{2 if m.group(1) else 1}.out.{n - int(m.group(2))}.{m.group(3)}"
     return None
+
+
+def convert_block(name: str, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """Rename the state_dict of one official building block to its attnseg counterpart's keys.
+
+    ``name``: ``"PAM_Module"`` / ``"CAM_Module"`` (:mod:`attnseg.layers.danet`, same keys), ``"PAM_CAM_Layer"``
+    (:class:`~attnseg.heads.msga.AttentionBranch`), ``"semanticModule"``
+    (:class:`~attnseg.heads.msga.SemanticModule`) or ``"MultiConv"`` (:class:`~attnseg.heads.msga.MultiConv`).
+
+    Raises:
+        ValueError: an unknown block name. CheckpointError: keys that are not the block's.
+    """
+    rules = {
+        "PAM_Module": lambda k: k if re.fullmatch(r"gamma|(query|key|value)_conv\.(weight|bias)", k) else None,
+        "CAM_Module": lambda k: k if k == "gamma" else None,
+        "PAM_CAM_Layer": lambda k: (f"{_BRANCH[m.group(1)]}.{m.group(2)}"
+                                    if (m := re.fullmatch(r"attn\.(\d)\.(.+)", k)) and m.group(1) in _BRANCH else None),
+        "semanticModule": lambda k: (f"{m.group(1)}.{m.group(3)}.{m.group(4)}"
+                                     if (m := re.fullmatch(r"(enc[12]|dec[12])\.(encode|decode)\.(\d+)\.(.+)", k))
+                                     and (m.group(2) == "encode") == m.group(1).startswith("enc") else None),
+        "MultiConv": lambda k: (f"{_MULTICONV[m.group(1)]}.{m.group(2)}"
+                                if (m := re.fullmatch(r"fuse_attn\.(\d)\.(.+)", k)) and m.group(1) in _MULTICONV
+                                else None),
+    }
+    if name not in rules:
+        raise ValueError(f"unknown official MSGA block {name!r} (known: {', '.join(rules)})")
+    out = {new: v for k, v in state_dict.items() if (new := rules[name](k)) is not None}
+    unplaced = [k for k in state_dict if rules[name](k) is None]
+    if unplaced:
+        raise CheckpointError(f"{len(unplaced)} key(s) are not {name} keys: {', '.join(unplaced[:10])}")
+    return out
 
 
 def convert_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
