@@ -315,6 +315,25 @@ def test_loss_on_training_dict_adds_aux_weight_and_accepts_eval_logits():
         assert torch.isfinite(loss(logits.bfloat16(), mask))
 
 
+def test_sdl_weights_each_images_dice_by_the_log_inverse_density_of_its_mask_size():
+    # class 1 sizes 10, 20, 30 (zeros left out): 2 bins of width (30 + 50) / 2 = 40 -> densities [1, 0]
+    loss_sdl = ConnectivityLoss(2, sdl_pixel_counts=[[10, 20, 0, 30]], sdl_bins=2)
+    width, density = loss_sdl.sdl[0]
+    assert float(width) == 40 and density.tolist() == [1.0, 0.0]
+    target = torch.zeros(2, 10, 10, dtype=torch.long)
+    target[0, 2:5, 2:7] = 1  # 15 pixels: bin 0, weight log(1 / 1.0001)
+    target[1, 1:8, 1:9] = 1  # 56 pixels: bin 1, weight log(1e4)
+    logits = torch.randn(2, 16, 10, 10)
+    pred = torch.softmax(conn.vote(logits)[0], dim=1)[:, 1]
+    truth = target.float()
+    dice = 1 - (2 * (pred * truth).sum((1, 2)) + 1e-4) / (pred.sum((1, 2)) + truth.sum((1, 2)) + 1e-4)
+    weight = torch.log(1 / (torch.tensor([1.0, 0.0]) + 1e-4))
+    expected = ConnectivityLoss(2)(logits, target) + ((weight - 1) * dice).mean()
+    assert torch.allclose(loss_sdl(logits, target), expected, atol=1e-5)
+    with pytest.raises(ValueError, match="one list of counts per foreground class"):
+        ConnectivityLoss(3, sdl_pixel_counts=[[1, 2]])
+
+
 def test_loss_errors():
     with pytest.raises(ValueError, match="does not support ignore_index"):
         ConnectivityLoss(1, ignore_index=255)
