@@ -70,7 +70,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attnseg.heads._common import check_head_inputs, label_map
+from attnseg.heads._common import check_head_inputs, class_probabilities, label_map
 from attnseg.layers.danet import ChannelAttention, PositionAttention, position_attention_bytes
 from attnseg.registry import HEADS
 
@@ -386,8 +386,7 @@ class MSGAHead(nn.Module):
 
     def class_probabilities(self, output: torch.Tensor | dict[str, Any]) -> torch.Tensor:
         """``[B, C, *S]`` probabilities: softmax of the averaged logits (sigmoid = P(foreground) for one class)."""
-        logits = self._logits(output)
-        return torch.sigmoid(logits) if logits.shape[1] == 1 else torch.softmax(logits, dim=1)
+        return class_probabilities(self._logits(output))
 
 
 HEADS.register("msga", cls=MSGAHead)(MSGAHead)

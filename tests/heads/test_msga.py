@@ -13,6 +13,7 @@ import attnseg.models.msga
 from attnseg.config import validate_config
 from attnseg.convert.msga import convert_block
 from attnseg.engine.losses import MSGALoss
+from attnseg.errors import ConfigError
 from attnseg.heads.msga import AttentionBranch, MSGAHead, MultiConv, SemanticModule
 from attnseg.layers.danet import ChannelAttention, PositionAttention
 from attnseg.models import Segmentor
@@ -240,6 +241,18 @@ def test_a_few_optimizer_steps_lower_the_loss():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
+
+
+def test_config_pairs_the_head_with_its_loss():
+    base = {"model": {"backbone": {"name": "test_mambaout"}, "head": {"name": "msga", "channels": 8},
+                      "num_classes": 3},
+            "data": {"dataset": {"name": "synthetic2d", "num_classes": 3}}}
+    assert validate_config(base).loss.name == "msga"  # the head's default_loss
+    with pytest.raises(ConfigError, match="'dice_ce' takes logits outputs, but head 'msga' gives msga outputs; use "
+                                          "loss.name: msga"):
+        validate_config({**base, "loss": {"name": "dice_ce"}})
+    plain = {**base, "model": {**base["model"], "head": {"name": "unetr", "feature_size": 8}}, "loss": {"name": "msga"}}
+    assert validate_config(plain).loss.name == "msga"  # on plain logits MSGALoss is a cross-entropy
 
 
 def test_short_training_run_on_synthetic_data(tmp_path):
