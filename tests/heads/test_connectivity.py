@@ -368,6 +368,21 @@ def test_gradients_reach_every_parameter(kind):
     assert not dead, dead
 
 
+def test_config_pairs_the_heads_with_the_connectivity_loss():
+    from attnseg.errors import ConfigError
+
+    base = {"model": {"backbone": {"name": "test_mambaout"}, "num_classes": 3,
+                      "head": {"name": "connectivity", "inner": {"name": "unetr", "feature_size": 8}}},
+            "data": {"dataset": {"name": "synthetic2d", "num_classes": 3}}}
+    assert validate_config(base).loss.name == "connectivity"  # the head's default_loss
+    for head in ("connectivity", "dconnnet"):
+        bad = {**base, "model": {**base["model"], "head": {"name": head}}, "loss": {"name": "dice_ce"}}
+        with pytest.raises(ConfigError, match=f"head .{head}. gives connectivity outputs; use loss.name: connectivity"):
+            validate_config(bad)
+    with pytest.raises(ConfigError, match="loss.variant"):
+        validate_config({**base, "loss": {"name": "connectivity", "variant": 3}})
+
+
 # -- training through attnseg's runner ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("model", [
