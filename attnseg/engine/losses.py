@@ -20,7 +20,7 @@ from torch import nn
 from attnseg.layers import connectivity as conn
 from attnseg.registry import LOSSES
 
-__all__ = ["SegmentationLoss", "CrossEntropyLoss", "DiceLoss", "DiceCELoss", "FocalLoss", "MSGALoss"]
+__all__ = ["SegmentationLoss", "CrossEntropyLoss", "DiceLoss", "DiceCELoss", "FocalLoss", "MSGALoss", "HybridGNetLoss"]
 
 
 class SegmentationLoss(nn.Module):
@@ -447,3 +447,63 @@ class MSGALoss(nn.Module):
 
 
 LOSSES.register("msga", cls=MSGALoss)(MSGALoss)
+
+
+class HybridGNetLoss(nn.Module):
+    """HybridGNet's loss (``trainerHybrid.py``, 2-IGSC): landmark MSE on the output and on both skip positions, plus
+    the VAE's KL term, on normalised ``(x, y)`` coordinates:
+
+        ``w_out MSE(landmarks, Y) + w_pos1 MSE(pos1, D Y) + w_pos2 MSE(pos2, Y) + kl_weight KL``,
+        ``KL = -1/2 mean_batch mean_latent (1 + logvar - mu^2 - exp(logvar))``
+
+    with ``D`` the template's pooling matrix (the head puts it in its output as ``downsample``). Published weights:
+    1, 1, 1 and ``kl_weight = 1e-5``. Works on the eval output too (``mu``/``logvar`` are in it; z = mu there).
+
+    Args:
+        num_classes, ignore_index: accepted for the loss contract; unused (the target is landmarks).
+        landmark_weight, pos1_weight, pos2_weight, kl_weight: term weights (>= 0).
+
+    Target: ``batch["landmarks"]`` ``[B, N, 2]`` normalised like the output.
+    """
+
+    accepts: tuple[str, ...] = ("landmarks",)
+    target_key: str = "landmarks"
+
+    def __init__(self, num_classes: int = 1, ignore_index: int | None = None, landmark_weight: float = 1.0,
+                 pos1_weight: float = 1.0, pos2_weight: float = 1.0, kl_weight: float = 1e-5) -> None:
+        super().__init__()
+        for name, value in (("landmark_weight", landmark_weight), ("pos1_weight", pos1_weight),
+                            ("pos2_weight", pos2_weight), ("kl_weight", kl_weight)):
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+        self.landmark_weight, self.pos1_weight, self.pos2_weight = landmark_weight, pos1_weight, pos2_weight
+        self.kl_weight = kl_weight
+
+    def terms(self, output: dict, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The unweighted terms ``{"landmarks", "pos1", "pos2", "kl"}``."""
+        if not isinstance(output, dict) or "landmarks" not in output:
+            raise ValueError("HybridGNetLoss expects the hybridgnet head's output (a dict with landmarks, pos1, pos2, "
+                             f"mu, logvar, downsample), got {type(output).__name__}")
+        pred = output["landmarks"]
+        if target.shape != pred.shape:
+            raise ValueError(f"HybridGNetLoss: target landmarks {list(target.shape)} do not match the prediction "
+                             f"{list(pred.shape)} (same template? [B, N, 2] normalised (x, y))")
+        target = target.to(pred.dtype)
+        out = {"landmarks": F.mse_loss(pred, target)}
+        if "pos1" in output:
+            out["pos1"] = F.mse_loss(output["pos1"], torch.matmul(output["downsample"].to(pred.dtype), target))
+        if "pos2" in output:
+            out["pos2"] = F.mse_loss(output["pos2"], target)
+        if "mu" in output and "logvar" in output:
+            mu, logvar = output["mu"], output["logvar"]
+            out["kl"] = -0.5 * torch.mean(torch.mean(1 + logvar - mu.pow(2) - logvar.exp(), dim=1), dim=0)
+        return out
+
+    def forward(self, output: dict, target: torch.Tensor) -> torch.Tensor:
+        t = self.terms(output, target)
+        weights = {"landmarks": self.landmark_weight, "pos1": self.pos1_weight, "pos2": self.pos2_weight,
+                   "kl": self.kl_weight}
+        return sum(weights[k] * v for k, v in t.items())
+
+
+LOSSES.register("hybridgnet", cls=HybridGNetLoss)(HybridGNetLoss)

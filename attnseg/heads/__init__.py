@@ -1,3 +1,3 @@
 """Segmentation heads; importing this package registers them in ``HEADS``."""
 
-from attnseg.heads import att_swin_unet, connectivity, msga, unetr  # noqa: F401
+from attnseg.heads import att_swin_unet, connectivity, hybridgnet, msga, unetr  # noqa: F401
