@@ -10,7 +10,8 @@ conv3x3] + identity (or conv1x1 + BN)``, then ReLU, with 2x2 max pooling between
 ``track_running_stats=False``**: batch statistics also in eval mode (as published; outputs depend on the batch, so
 evaluate with the batch you mean; the parity fixture uses batch 1). ``norm_running_stats=True`` gives ordinary
 BatchNorm (a deviation for users who want batch-independent inference). As a backbone it publishes strides 4..32
-(``out_indices`` 2..5, the levels the head uses) and any input size divisible by 32 (odd sizes: the Segmentor pads).
+(``out_indices`` 2..5, the levels the head uses); any input size works (max pooling in ceil mode: level ``i`` is
+``ceil(H / 2**i)``, the official floor pooling on the even sizes it was used with).
 
 The model (:class:`HybridGNet`, factory ``hybridgnet_2igsc``) is a :class:`~attnseg.models.Segmentor` of the two,
 its forward a dict (``landmarks``, ``pos1``, ``pos2``, ``mu``, ``logvar``, ...). ``official_output=True`` makes it
@@ -66,8 +67,8 @@ class HybridGNetEncoder(nn.Module):
     Example::
 
         >>> enc = HybridGNetEncoder()
-        >>> [tuple(f.shape[1:]) for f in enc.forward_pyramid(torch.randn(2, 1, 64, 96))]
-        [(32, 16, 24), (64, 8, 12), (128, 4, 6), (128, 2, 3)]
+        >>> [tuple(f.shape[1:]) for f in enc.forward_pyramid(torch.randn(2, 1, 64, 97))]
+        [(32, 16, 25), (64, 8, 13), (128, 4, 7), (128, 2, 4)]
     """
 
     family = "hybridgnet"
@@ -94,17 +95,14 @@ class HybridGNetEncoder(nn.Module):
         self.feature_info = [{"num_chs": widths[i], "reduction": 2**i, "module": f"layers.{i}"} for i in out_indices]
 
     def forward_pyramid(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """``[B, in_chans, H, W]`` -> the outputs of the ``out_indices`` blocks, ``[B, widths[i], H / 2**i, W / 2**i]``."""
+        """``[B, in_chans, H, W]`` -> the outputs of the ``out_indices`` blocks, ``[B, widths[i], ceil(H / 2**i),
+        ceil(W / 2**i)]``."""
         if x.dim() != 4 or x.shape[1] != self.in_chans:
             raise InputSizeError(f"HybridGNetEncoder expects [B, {self.in_chans}, H, W], got {list(x.shape)}")
-        deepest = 2 ** self.out_indices[-1]
-        if x.shape[2] % deepest or x.shape[3] % deepest:
-            raise InputSizeError(f"HybridGNetEncoder needs H and W divisible by {deepest} (its max pooling), got "
-                                 f"{list(x.shape[2:])}; a Segmentor pads any size")
         outs = []
         for i, layer in enumerate(self.layers[:self.out_indices[-1] + 1]):
             if i > 0:
-                x = F.max_pool2d(x, 2)
+                x = F.max_pool2d(x, 2, ceil_mode=True)  # = the official MaxPool2d(2) on even sizes; odd: ceil
             x = layer(x)
             if i in self.out_indices:
                 outs.append(x)

@@ -165,6 +165,16 @@ def test_odd_input_sizes_with_the_size_agnostic_latent():
     assert torch.equal(probs.sum(1), torch.ones(2, 77, 101))
 
 
+def test_encoder_gives_ceil_stride_pyramids_at_any_size():
+    enc = HybridGNetEncoder(out_indices=(0, 2, 5)).eval()
+    assert [(f["num_chs"], f["reduction"]) for f in enc.feature_info] == [(8, 1), (32, 4), (128, 32)]
+    with torch.no_grad():
+        maps = enc.forward_pyramid(torch.randn(1, 1, 33, 70))
+    assert [tuple(m.shape[1:]) for m in maps] == [(8, 33, 70), (32, 9, 18), (128, 2, 3)]
+    with pytest.raises(InputSizeError, match=r"expects \[B, 1, H, W\]"):
+        enc.forward_pyramid(torch.randn(1, 3, 32, 32))
+
+
 def test_crop_output_rescales_coordinates_from_the_padded_to_the_unpadded_size():
     head = _segmentor().head
     out = {"landmarks": torch.tensor([[[0.5, 0.25]]]), "pos1": torch.tensor([[[1.0, 1.0]]]), "input_size": (128, 96)}
