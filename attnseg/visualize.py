@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["palette", "overlay_image", "volume_montage", "plot_training_curves", "plot_metric_boxes"]
+__all__ = ["palette", "overlay_image", "contour_overlay", "volume_montage", "plot_training_curves", "plot_metric_boxes"]
 
 
 def palette(num_colors: int) -> np.ndarray:
@@ -38,6 +38,30 @@ def overlay_image(image: np.ndarray, mask: np.ndarray, num_classes: int, alpha: 
     rgb = image if image.shape[-1] == 3 else np.repeat(image[..., :1], 3, axis=-1)
     rgb8 = (np.clip(rgb, 0, 1) * 255).astype(np.uint8)
     return np.concatenate([rgb8, _blend(rgb8, mask, num_classes, alpha)], axis=1)
+
+
+def contour_overlay(image: np.ndarray, contours: Sequence[tuple[np.ndarray, int]], num_classes: int,
+                    width: int = 2, point_radius: int = 2) -> np.ndarray:
+    """``[H, W, 3]`` uint8: the image ``[H, W, C]`` (values in 0..1) with closed contours drawn on it.
+
+    Args:
+        contours: ``(points [N, 2] as (x, y) pixel coordinates, label)`` per contour; drawn in the label's palette
+            colour, with a dot on every landmark.
+        num_classes: the palette size (labels ``1 .. num_classes - 1``).
+    """
+    from PIL import Image, ImageDraw
+
+    rgb = image if image.shape[-1] == 3 else np.repeat(image[..., :1], 3, axis=-1)
+    canvas = Image.fromarray((np.clip(rgb, 0, 1) * 255).astype(np.uint8))
+    draw = ImageDraw.Draw(canvas)
+    colors = palette(max(num_classes, 2))
+    for points, label in contours:
+        color = tuple(int(c) for c in colors[min(max(int(label), 1), len(colors) - 1)])
+        xy = [(float(x), float(y)) for x, y in np.asarray(points, dtype=np.float64)]
+        draw.line(xy + xy[:1], fill=color, width=width)
+        for x, y in xy:
+            draw.ellipse([x - point_radius, y - point_radius, x + point_radius, y + point_radius], fill=color)
+    return np.asarray(canvas)
 
 
 def volume_montage(

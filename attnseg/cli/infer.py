@@ -4,7 +4,10 @@
 8/16-bit; grey or RGB). Each image of any size goes through the model whole, or through a sliding window
 when it is larger than ``--window`` on any side; the outputs are ``<stem>_mask.png`` (class index per pixel,
 same size as the input) and ``<stem>_overlay.png`` (the input beside the input with the coloured mask blended
-over it).
+over it). The mask is the head's: argmax (or sigmoid > 0.5), a connectivity head's bilateral vote, or a landmark
+head's rasterized contours. A landmark model (HybridGNet) also writes ``<stem>_landmarks.json`` (each organ of its
+template with its contour in pixel coordinates) and ``<stem>_contours.png`` (the contours drawn on the image); it
+always sees the whole image, and ``--tta`` is refused for it (a flip swaps left and right organs).
 
 **3D configs**: inputs are NIfTI files (``.nii``/``.nii.gz``), DICOM series (a folder of DICOM files, or one
 ``.dcm`` file), folders of NIfTI files (for multi-channel models nnU-Net style ``<case>_0000.nii.gz``,
@@ -246,6 +249,11 @@ def _infer_images(args: argparse.Namespace, cfg: Any, model: torch.nn.Module, fi
     from attnseg.engine.inference import flip_tta, predict_logits
 
     overlap = 0.25 if args.overlap is None else args.overlap
+    head = getattr(model, "head", model)
+    landmarks = getattr(head, "output_kind", "logits") == "landmarks"
+    if landmarks and args.tta:
+        raise ConfigError("--tta flips the image, which would swap the left and right organs of a landmark model; "
+                          "run without --tta")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     n_cls = max(cfg.model.num_classes, 2)
@@ -255,18 +263,52 @@ def _infer_images(args: argparse.Namespace, cfg: Any, model: torch.nn.Module, fi
         image = convert_channels(read_image(path), cfg.model.in_chans, path)  # [H, W, C] float in 0..1
         x = normalize({"image": torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)})["image"]
         x = x[None].to(args.device)
-        roi = [args.window, args.window] if max(x.shape[-2:]) > args.window else None
+        # A landmark model sees the whole image (its contours cannot be blended from windows).
+        roi = [args.window, args.window] if max(x.shape[-2:]) > args.window and not landmarks else None
 
         def predict(t: torch.Tensor, roi=roi) -> torch.Tensor:
             return predict_logits(model, t, roi_size=roi, overlap=overlap)
 
         with torch.inference_mode():
-            logits = flip_tta(predict, x, getattr(model, "flip_output", None)) if args.tta else predict(x)
-            mask = model.postprocess(logits)[0].cpu().numpy().astype(np.uint8 if n_cls <= 256 else np.int32)
+            output = flip_tta(predict, x, getattr(model, "flip_output", None)) if args.tta else predict(x)
+            mask = model.postprocess(output)[0].cpu().numpy().astype(np.uint8 if n_cls <= 256 else np.int32)
         Image.fromarray(mask).save(out_dir / f"{path.stem}_mask.png")
         Image.fromarray(overlay_image(image, mask, n_cls)).save(out_dir / f"{path.stem}_overlay.png")
+        if landmarks:
+            _write_landmarks(out_dir, path, output["landmarks"][0].float().cpu().numpy(), head.template, image, n_cls)
         tqdm.write(f"{path} -> {out_dir / (path.stem + '_mask.png')} ({mask.shape[1]}x{mask.shape[0]})")
     return 0
+
+
+def _write_landmarks(out_dir: Path, path: Path, landmarks: np.ndarray, template: Any, image: np.ndarray,
+                     num_classes: int) -> None:
+    """``<stem>_landmarks.json`` (each organ's contour in pixel coordinates) and ``<stem>_contours.png``.
+
+    ``landmarks`` ``[N, 2]`` are the model's normalised ``(x, y)``; pixel coordinates are ``x * W``, ``y * H``.
+    """
+    import json
+
+    from PIL import Image
+
+    from attnseg.visualize import contour_overlay
+
+    h, w = image.shape[:2]
+    pixels = landmarks * np.array([w, h], dtype=np.float64)
+    record = {
+        "image": str(path),
+        "width": w,
+        "height": h,
+        "template": template.name,
+        "coordinates": "pixels, (x, y) = (column, row), origin at the top-left corner of the top-left pixel",
+        "organs": [{"name": o.name, "label": o.label, "points": pixels[o.nodes].round(3).tolist()}
+                   for o in template.organs],
+    }
+    target = out_dir / f"{path.stem}_landmarks.json"
+    tmp = target.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    tmp.replace(target)
+    contours = [(pixels[o.nodes], o.label) for o in template.organs]
+    Image.fromarray(contour_overlay(image, contours, num_classes)).save(out_dir / f"{path.stem}_contours.png")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
