@@ -106,3 +106,20 @@ def test_published_model_size_and_key_layout():
     assert set(converted) == set(small.state_dict())
     # BatchNorm without running statistics: no buffers in the state_dict, batch statistics in eval too
     assert not any("running" in k or "num_batches" in k for k in small.state_dict())
+
+
+def test_official_file_loads_into_the_config_built_model(tmp_path):
+    from attnseg import load_pretrained
+    from attnseg.config import load_config
+    from attnseg.models.builder import build_model
+    from tests.conftest import REPO_ROOT
+
+    fx = load_fixture("hybridgnet_doubleskip_128.pt")
+    path = tmp_path / "best.pt"
+    torch.save({k: v.clone() for k, v in fx["state_dict"].items()}, path)  # a plain official state_dict file
+    model = build_model(load_config(REPO_ROOT / "configs/hybridgnet/hybridgnet_2igsc_synthetic_landmarks.yaml"))
+    report = load_pretrained(model, path)
+    assert report.converted == "hybridgnet" and not report.missing and not report.unexpected
+    with torch.no_grad():
+        out = model.eval()(fx["input"])  # square input: per-axis lookup scaling equals the official one
+    assert torch.allclose(out["landmarks"], fx["output"]["landmarks"], **_tol(fx))
