@@ -289,9 +289,9 @@ class ConnectivityLoss(nn.Module):
         self.sdl = None
         if sdl_pixel_counts is not None:
             if variant != "dconnnet" or num_classes < 2 or len(sdl_pixel_counts) != num_classes - 1:
-                raise ValueError(f"sdl_pixel_counts is DconnNet's multi-class SDL: variant 'dconnnet', num_classes >= 2 "
-                                 f"and one list of counts per foreground class ({num_classes - 1}); got {variant=}, "
-                                 f"{num_classes=}, {len(sdl_pixel_counts)} lists")
+                raise ValueError(f"sdl_pixel_counts is DconnNet's multi-class SDL: variant 'dconnnet', num_classes "
+                                 f">= 2 and one list of counts per foreground class ({num_classes - 1}); got "
+                                 f"{variant=}, {num_classes=}, {len(sdl_pixel_counts)} lists")
             if not isinstance(sdl_bins, int) or sdl_bins < 1:
                 raise ValueError(f"sdl_bins must be an int >= 1, got {sdl_bins!r}")
             self.sdl = [self._sdl_table(counts, sdl_bins, c + 1) for c, counts in enumerate(sdl_pixel_counts)]

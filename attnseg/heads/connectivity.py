@@ -70,8 +70,7 @@ class _ConnectivityOutput:
         if not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}")
         self.neighbours = conn.check_neighbours(neighbours, spatial_dims)
-        self.decode = decode if decode is not None else ("soft" if num_classes == 1 else "multiclass")
-        conn._check_rule(self.decode, num_classes)
+        self.decode = conn.check_decode(decode, num_classes)
         self.out_channels = self.neighbours * num_classes
 
     @staticmethod

@@ -54,9 +54,9 @@ from functools import cache
 import torch
 import torch.nn.functional as F
 
-__all__ = ["DECODE_RULES", "NEIGHBOURS", "neighbour_offsets", "default_neighbours", "check_neighbours", "shift",
-           "encode", "encode_labels", "edge_map", "vote", "class_probabilities", "label_map",
-           "binarized_vote", "flip"]
+__all__ = ["DECODE_RULES", "NEIGHBOURS", "neighbour_offsets", "default_neighbours", "check_neighbours", "check_decode",
+           "shift", "encode", "encode_labels", "edge_map", "vote", "binarized_vote", "class_probabilities", "label_map",
+           "flip"]
 
 DECODE_RULES = ("soft", "binarize", "multiclass")
 NEIGHBOURS = {2: (8, 4), 3: (26, 6)}  # neighbourhood sizes per rank, default first
@@ -197,7 +197,10 @@ def binarized_vote(cube_probs: torch.Tensor, neighbours: int | None = None) -> t
     return torch.minimum(split, back).amax(2)
 
 
-def _check_rule(decode: str, num_classes: int) -> None:
+def check_decode(decode: str | None, num_classes: int) -> str:
+    """``decode`` validated for ``num_classes`` (``None``: ``"soft"`` for one class, ``"multiclass"`` for several)."""
+    if decode is None:
+        return "soft" if num_classes == 1 else "multiclass"
     if decode not in DECODE_RULES:
         raise ValueError(f"decode must be one of {DECODE_RULES}, got {decode!r}")
     if decode == "multiclass" and num_classes < 2:
@@ -206,6 +209,7 @@ def _check_rule(decode: str, num_classes: int) -> None:
     if decode == "binarize" and num_classes != 1:
         raise ValueError(f"decode='binarize' is DconnNet's single-class rule; with {num_classes=} use 'multiclass' "
                          "(DconnNet) or 'soft'")
+    return decode
 
 
 def class_probabilities(logits: torch.Tensor, num_classes: int, decode: str,
@@ -216,7 +220,7 @@ def class_probabilities(logits: torch.Tensor, num_classes: int, decode: str,
     sigmoid; ``multiclass``: softmax over classes of ``S`` voted on the raw logits. Thresholding at 0.5 (one class)
     or the argmax (several) gives :func:`label_map` in every rule.
     """
-    _check_rule(decode, num_classes)
+    check_decode(decode, num_classes)
     if decode == "multiclass":
         return torch.softmax(vote(logits, neighbours)[0], dim=1)
     probs = torch.sigmoid(logits)
@@ -232,7 +236,7 @@ def label_map(logits: torch.Tensor, num_classes: int, decode: str, neighbours: i
     ``binarize`` computes the official rule itself (threshold, then vote on the 0/1 maps); ``multiclass`` is the
     argmax of the raw-logit vote (softmax does not change it).
     """
-    _check_rule(decode, num_classes)
+    check_decode(decode, num_classes)
     if decode == "binarize":
         return vote((torch.sigmoid(logits) > 0.5).to(logits.dtype), neighbours)[0][:, 0].long()
     if decode == "multiclass":
