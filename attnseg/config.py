@@ -400,6 +400,46 @@ def _check_component(registry: Registry, section: str, comp: Component | None, p
             pass
 
 
+def _template_of(registry: Registry, comp: Component) -> Any:
+    """The ``template`` a component is configured with (or its factory's default); None if it takes none."""
+    if comp.name not in registry:
+        return None
+    if "template" in comp.kwargs:
+        return comp.kwargs["template"]
+    param = registry.parameters(comp.name).get("template")
+    return None if param is None or param.default is param.empty else param.default
+
+
+def _check_landmark_templates(cfg: ExperimentConfig, problems: list[str]) -> None:
+    """A landmark head and its datasets must use the same template (organs and point counts, in node order)."""
+    from attnseg.datasets.landmark_template import load_template
+
+    def describe(spec: Any) -> tuple[tuple[str, int], ...]:
+        return tuple((o.name, o.num_points) for o in load_template(spec).organs)
+
+    head_spec = _template_of(HEADS, cfg.model.head)
+    try:
+        head_organs = describe(head_spec) if head_spec is not None else None
+    except (ConfigError, ValueError, OSError) as e:
+        problems.append(f"model.head.template: {e}")
+        return
+    for section, comp in (("data.dataset", cfg.data.dataset), ("data.val_dataset", cfg.data.val_dataset)):
+        spec = _template_of(DATASETS, comp) if comp is not None else None
+        if spec is None or head_organs is None:
+            continue
+        try:
+            organs = describe(spec)
+        except (ConfigError, ValueError, OSError) as e:
+            problems.append(f"{section}.template: {e}")
+            continue
+        if organs != head_organs:
+            def fmt(o: tuple[tuple[str, int], ...]) -> str:
+                return f"{sum(n for _, n in o)} points: " + ", ".join(f"{name} {n}" for name, n in o)
+
+            problems.append(f"{section}.template {spec!r} ({fmt(organs)}) differs from model.head.template "
+                            f"{head_spec!r} ({fmt(head_organs)}); the head decodes the landmarks its dataset gives")
+
+
 def _registered_class(registry: Registry, raw: Any) -> type | None:
     """The class behind a config section ``{name: ...}`` (the factory itself when it is a class), or None."""
     if not isinstance(raw, dict) or not isinstance(raw.get("name"), str) or raw["name"] not in registry:
@@ -544,6 +584,8 @@ def validate_config(data: dict[str, Any], source: str | None = None) -> Experime
         if kind == "landmarks" and cfg.evaluation.sliding_window:
             problems.append(f"evaluation.sliding_window: head '{cfg.model.head.name}' predicts landmarks of the "
                             "whole image, which windows cannot blend; set it to false")
+        if kind == "landmarks":
+            _check_landmark_templates(cfg, problems)
     if cfg is not None and cfg.data.volume is not None:
         if cfg.model.spatial_dims != 3:
             problems.append("data.volume: MONAI volume transforms need 3D data (model.spatial_dims: 3); use "

@@ -77,18 +77,23 @@ def test_connectivity_mask_is_the_vote_and_tta_swaps_directions(connectivity_run
     np.testing.assert_array_equal(tta_mask, model.postprocess(expected)[0].numpy())
 
 
-@pytest.fixture(scope="module")
-def landmark_run(tmp_path_factory):
+@pytest.fixture(scope="module", params=["avgpool", "flatten"])
+def landmark_run(request, tmp_path_factory):
+    """The CI landmark config, with the size-agnostic latent or the published flatten latent (fixed 64x64 input)."""
     tmp = tmp_path_factory.mktemp("landmarks")
     base = yaml.safe_load((REPO / "configs/hybridgnet/test_mambaout_hybridgnet_synthetic_landmarks.yaml").read_text())
     base.pop("_base_")
     base["work_dir"] = str(tmp / "work")
     base["trainer"] = RUN
+    if request.param == "flatten":
+        base["model"]["head"].update(latent="flatten", input_size=64)
     cfg = _write(tmp, base)
     return cfg, _train(cfg, tmp)
 
 
 def test_landmark_model_writes_contours_json_and_its_rasterized_mask(landmark_run, tmp_path, capsys):
+    """A 72x90 image: any size for the avgpool latent, resized to 64x64 for the flatten latent; the JSON, mask and
+    contours are in the image's own pixels either way."""
     from attnseg.datasets.landmarks import synthetic_sample
 
     cfg, ckpt = landmark_run

@@ -7,7 +7,8 @@ same size as the input) and ``<stem>_overlay.png`` (the input beside the input w
 over it). The mask is the head's: argmax (or sigmoid > 0.5), a connectivity head's bilateral vote, or a landmark
 head's rasterized contours. A landmark model (HybridGNet) also writes ``<stem>_landmarks.json`` (each organ of its
 template with its contour in pixel coordinates) and ``<stem>_contours.png`` (the contours drawn on the image); it
-always sees the whole image, and ``--tta`` is refused for it (a flip swaps left and right organs).
+always sees the whole image (resized to the model's ``input_size`` when it has one, as the published HybridGNet),
+and ``--tta`` is refused for it (a flip swaps left and right organs).
 
 **3D configs**: inputs are NIfTI files (``.nii``/``.nii.gz``), DICOM series (a folder of DICOM files, or one
 ``.dcm`` file), folders of NIfTI files (for multi-channel models nnU-Net style ``<case>_0000.nii.gz``,
@@ -263,15 +264,26 @@ def _infer_images(args: argparse.Namespace, cfg: Any, model: torch.nn.Module, fi
         image = convert_channels(read_image(path), cfg.model.in_chans, path)  # [H, W, C] float in 0..1
         x = normalize({"image": torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)})["image"]
         x = x[None].to(args.device)
-        # A landmark model sees the whole image (its contours cannot be blended from windows).
+        # A landmark model sees the whole image (its contours cannot be blended from windows); one with a fixed
+        # input size (HybridGNet's flatten latent) sees it resized, its normalised landmarks fit the original.
         roi = [args.window, args.window] if max(x.shape[-2:]) > args.window and not landmarks else None
+        fixed = getattr(head, "input_size", None) if landmarks else None
+        if fixed is not None and tuple(x.shape[-2:]) != tuple(fixed):
+            x = torch.nn.functional.interpolate(x, size=tuple(fixed), mode="bilinear", align_corners=False,
+                                                antialias=True)
 
         def predict(t: torch.Tensor, roi=roi) -> torch.Tensor:
             return predict_logits(model, t, roi_size=roi, overlap=overlap)
 
         with torch.inference_mode():
             output = flip_tta(predict, x, getattr(model, "flip_output", None)) if args.tta else predict(x)
-            mask = model.postprocess(output)[0].cpu().numpy().astype(np.uint8 if n_cls <= 256 else np.int32)
+            if fixed is not None:  # rasterize the contours at the image's own size
+                from attnseg.datasets.rasterize import landmarks_to_label_map
+
+                labels = landmarks_to_label_map(output["landmarks"], head.template, image.shape[:2])
+            else:
+                labels = model.postprocess(output)
+            mask = labels[0].cpu().numpy().astype(np.uint8 if n_cls <= 256 else np.int32)
         Image.fromarray(mask).save(out_dir / f"{path.stem}_mask.png")
         Image.fromarray(overlay_image(image, mask, n_cls)).save(out_dir / f"{path.stem}_overlay.png")
         if landmarks:

@@ -109,3 +109,18 @@ def test_training_and_testing_pass_the_structured_output_to_the_loss(pair_head, 
     assert 0.0 <= result["metrics"]["val/mDice"] <= 1.0
     metrics = evaluate(validate_config(_config(tmp_path)), result["last_checkpoint"], split="test")
     assert 0.0 <= metrics["mDice"] <= 1.0
+
+
+def test_a_landmark_head_and_its_dataset_must_share_the_template():
+    from attnseg.config import load_config
+
+    path = "configs/hybridgnet/test_mambaout_hybridgnet_synthetic_landmarks.yaml"
+    assert load_config(path).loss.name == "hybridgnet"
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["data.dataset.template=chest_xray", "evaluation.sliding_window=true"])
+    text = str(err.value)
+    assert ("data.dataset.template 'chest_xray' (166 points: right_lung 44, left_lung 50, heart 26, right_clavicle 23, "
+            "left_clavicle 23) differs from model.head.template 'chest_xray:LH' (120 points") in text
+    assert "evaluation.sliding_window: head 'hybridgnet' predicts landmarks" in text
+    with pytest.raises(ConfigError, match="model.head.template: unknown landmark template 'no_such'"):
+        load_config(path, ["model.head.template=no_such"])
