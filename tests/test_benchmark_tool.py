@@ -66,3 +66,19 @@ def test_backbones_ii_report_checks_the_issue_targets():
     assert "- overlock_xt: 0.90x (>= 1.0x required): NOT met" in text
     assert "- aggregation 13x13 on 14x14: 3.00x (>= 2x required): met" in text
     assert "- aggregation 17x17 on 32x32: 1.50x (>= 2x required): NOT met" in text
+
+
+def test_models_rows_survive_a_rerun_of_other_families():
+    rows = [{"family": "halonet", "model": "halonet26t", "size": 256, "reference": "timm", "ours_ips": 2.0,
+             "ref_ips": 1.0, "reps": 3, "run": "day 1"},
+            {"family": "nat", "model": "nat_mini", "size": 224, "reference": "official code", "ours_ips": 1.0,
+             "ref_ips": 2.0, "reps": 3, "run": "day 1"}]
+    doc = benchmark.replace_section(benchmark.HEADER, "models", bench_models.render_models(rows))
+    assert "- nat_mini: 0.50x (>= 1.0x required): NOT met" in doc
+    stored = bench_models.stored_rows(benchmark.section_of(doc, "models"))
+    assert stored == rows
+    rerun = [{**rows[1], "ours_ips": 3.0, "run": "day 2"}]
+    merged = bench_models.merge_rows(stored, rerun)
+    assert [(r["model"], r["run"]) for r in merged] == [("halonet26t", "day 1"), ("nat_mini", "day 2")]
+    text = bench_models.render_models(merged)
+    assert "- nat_mini: 1.50x (>= 1.0x required): met" in text and "halonet: day 1; nat: day 2" in text

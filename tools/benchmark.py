@@ -9,7 +9,9 @@ process running one forward+backward). Methods whose memory would exceed the mac
 say why.
 
 ``python tools/benchmark.py models [--families halonet,biformer,nat] [--biformer-repo PATH] [--nat-repo PATH]``:
-CPU inference of every backbone variant against its reference implementation (tools/bench_models.py).
+CPU inference of every backbone variant against its reference implementation (tools/bench_models.py). With
+``--families`` only those families are measured; the section keeps the other families' rows from the previous run
+(stored in it as JSON) and says which run each family comes from.
 
 ``python tools/benchmark.py models-ii [--transnext-repo PATH] [--overlock-repo PATH]``: TransNeXt and OverLoCK
 against their official code, and ContMix's aggregation against the official unfold fallback
@@ -274,6 +276,14 @@ def render_gpu(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def section_of(document: str, suite: str) -> str:
+    """The body of ``suite``'s block in ``document`` (empty if absent)."""
+    begin, end = f"<!-- begin {suite} -->", f"<!-- end {suite} -->"
+    if begin not in document or end not in document:
+        return ""
+    return document.split(begin, 1)[1].split(end, 1)[0]
+
+
 def replace_section(document: str, suite: str, body: str) -> str:
     """``document`` with the block of ``suite`` (between its markers) replaced by ``body``, or appended."""
     begin, end = f"<!-- begin {suite} -->", f"<!-- end {suite} -->"
@@ -366,10 +376,14 @@ def main(argv: list[str] | None = None) -> int:
         body = render_backbones_ii(bench_backbones(families, args.transnext_repo, args.overlock_repo),
                                    bench_aggregation())
     else:
-        from bench_models import bench_models, render_models
+        from bench_models import bench_models, merge_rows, render_models, stored_rows
 
         families = (args.families or "halonet,biformer,nat").split(",")
-        body = render_models(bench_models(families, args.biformer_repo, args.nat_repo))
+        rows = bench_models(families, args.biformer_repo, args.nat_repo)
+        out = Path(args.out)
+        if args.families and out.is_file():  # rerun families replace theirs; the other families' rows stay
+            rows = merge_rows(stored_rows(section_of(out.read_text(), "models")), rows)
+        body = render_models(rows)
     out = Path(args.out)
     document = out.read_text() if out.is_file() else HEADER
     out.write_text(replace_section(document, args.suite, body))
