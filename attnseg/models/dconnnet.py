@@ -54,9 +54,9 @@ def dconnnet_resnet34(in_chans: int = 3, num_classes: int = 1, **kwargs: Any) ->
     Example::
 
         >>> model = test_dconnnet(decode="binarize").eval()
-        >>> out = model(torch.randn(1, 3, 70, 90))
+        >>> out = model(torch.randn(1, 3, 45, 40))
         >>> out.shape, model.postprocess(out).shape
-        (torch.Size([1, 8, 70, 90]), torch.Size([1, 70, 90]))
+        (torch.Size([1, 8, 45, 40]), torch.Size([1, 45, 40]))
     """
     return _create_dconnnet("resnet34", in_chans, num_classes, {"decode": "binarize" if num_classes == 1 else None,
                                                                    **kwargs})

@@ -229,13 +229,13 @@ def test_wrapper_over_a_small_backbone_at_odd_sizes(num_classes, head):
     model = _wrapped_model(num_classes, **head).eval()
     n = head.get("neighbours", 8)
     assert model.head.inner.num_classes == n * num_classes
-    x = torch.randn(2, 3, 37, 51)
+    x = torch.randn(2, 3, 37, 29)
     with torch.no_grad():
         out = model(x)
-    assert out.shape == (2, n * num_classes, 37, 51)
+    assert out.shape == (2, n * num_classes, 37, 29)
     labels = model.postprocess(out)
-    assert labels.shape == (2, 37, 51) and labels.dtype == torch.int64
-    assert model.head.class_probabilities(out).shape == (2, num_classes, 37, 51)
+    assert labels.shape == (2, 37, 29) and labels.dtype == torch.int64
+    assert model.head.class_probabilities(out).shape == (2, num_classes, 37, 29)
     assert model.head.decode == head.get("decode", "soft" if num_classes == 1 else "multiclass")
     flipped = model.head.flip_output(out, -1)
     assert torch.equal(conn.label_map(flipped, num_classes, model.head.decode, n), labels.flip(-1))
@@ -270,25 +270,25 @@ def test_wrapper_errors_name_the_problem():
 def test_dconnnet_training_dict_eval_logits_and_crop():
     model = small_dconnnet(num_classes=2)
     assert model.head.decode == "multiclass" and model.head.stem2 is None
-    x = torch.randn(2, 3, 45, 70)
+    x = torch.randn(2, 3, 29, 23)
     out = model.train()(x)
-    assert set(out) == {"logits", "aux"} and all(v.shape == (2, 16, 45, 70) for v in out.values())
+    assert set(out) == {"logits", "aux"} and all(v.shape == (2, 16, 29, 23) for v in out.values())
     model.eval()
     with torch.no_grad():
         logits = model(x)
-        full, aux = model.head.forward_with_aux(model.backbone.forward_pyramid(F.pad(x, (0, 26, 0, 19))),
-                                                F.pad(x, (0, 26, 0, 19)))
-    assert logits.shape == (2, 16, 45, 70) and torch.allclose(logits, full[..., :45, :70])
-    assert model.head.crop_output({"logits": full, "aux": aux}, (45, 70))["aux"].shape == (2, 16, 45, 70)
-    assert model.postprocess(logits).shape == (2, 45, 70)
+        padded = F.pad(x, (0, 9, 0, 3))  # the Segmentor pads to 32 x 32
+        full, aux = model.head.forward_with_aux(model.backbone.forward_pyramid(padded), padded)
+    assert logits.shape == (2, 16, 29, 23) and torch.allclose(logits, full[..., :29, :23])
+    assert model.head.crop_output({"logits": full, "aux": aux}, (29, 23))["aux"].shape == (2, 16, 29, 23)
+    assert model.postprocess(logits).shape == (2, 29, 23)
 
 
 def test_dconnnet_head_over_a_stride4_backbone_synthesizes_stride2():
     model = build_model({"backbone": {"name": "test_mambaout"}, "num_classes": 1, "head": _SMALL_DCONNNET})
     head = model.head
     assert head.stem2 is not None and any(not isinstance(a, torch.nn.Identity) for a in head.adapters)
-    out = model.eval()(torch.randn(1, 3, 33, 47))
-    assert out.shape == (1, 8, 33, 47) and head.decode == "soft"
+    out = model.eval()(torch.randn(1, 3, 33, 27))
+    assert out.shape == (1, 8, 33, 27) and head.decode == "soft"
 
 
 def test_dconnnet_head_errors():
@@ -360,11 +360,14 @@ def test_gradients_reach_every_parameter(kind):
         model, k = build_model({"backbone": {"name": "test_mambaout"}, "num_classes": 1, "head": _SMALL_DCONNNET}), 1
     _perturb(model)
     model.train()
-    x = torch.randn(2, 3, 40, 36)
-    target = torch.randint(0, max(k, 2), (2, 40, 36))
+    x = torch.randn(1, 3, 40, 36)  # padded to 64 x 64: the stride-32 level is 2 x 2 (at 1 x 1, norms cut gradients)
+    target = torch.randint(0, max(k, 2), (1, 40, 36))
     ConnectivityLoss(k)(model(x), target).backward()
+    # A PAM key bias adds q_i . b to every key of query i, which the softmax cancels: its gradient is 0 in exact
+    # arithmetic (in the official module too), so it only has to be reached.
+    invariant = [n for n, _ in model.named_parameters() if n.endswith("sa.key_conv.bias")]
     dead = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()
-            or not p.grad.abs().sum() > 0]
+            or (n not in invariant and not p.grad.abs().sum() > 0)]
     assert not dead, dead
 
 
@@ -385,10 +388,11 @@ def test_config_pairs_the_heads_with_the_connectivity_loss():
 
 # -- training through attnseg's runner ------------------------------------------------------------------------------
 
+@pytest.mark.slow  # 10-20 s each on 2 busy cores (Lightning start-up)
 @pytest.mark.parametrize("model", [
     {"backbone": {"name": "test_mambaout"}, "head": {"name": "connectivity", "inner": {"name": "unetr",
                                                                                         "feature_size": 8}}},
-    pytest.param({"backbone": {"name": "test_mambaout"}, "head": _SMALL_DCONNNET}, marks=pytest.mark.slow),
+    {"backbone": {"name": "test_mambaout"}, "head": _SMALL_DCONNNET},
 ])
 def test_training_smoke_on_synthetic2d(tmp_path, model):
     from attnseg.engine.runner import train
@@ -397,14 +401,14 @@ def test_training_smoke_on_synthetic2d(tmp_path, model):
         "work_dir": str(tmp_path),
         "model": {**model, "num_classes": 3},
         "data": {"dataset": {"name": "synthetic2d", "num_classes": 3, "image_size": [32, 32], "num_train": 4,
-                             "num_val": 2, "num_test": 2}, "batch_size": 2, "augment": None},
+                             "num_val": 1, "num_test": 1}, "batch_size": 2, "augment": None},
         "loss": {"name": "connectivity"},
         "optimizer": {"lr": 0.003},
         "trainer": {"max_epochs": 1, "progress_bar": "none", "loggers": ["csv"], "accelerator": "cpu", "devices": 1},
         "evaluation": {"hd95": False, "surface_dice": False},
     })
     result = train(cfg)
-    assert result["global_step"] == 2
+    assert result["global_step"] == 2  # 4 images, batch 2 (BatchNorm at the 1 x 1 stride-32 level), 1 epoch
     assert 0.0 <= result["metrics"]["val/mDice"] <= 1.0
     assert torch.isfinite(torch.tensor(float(result["metrics"]["val/loss"])))
 
