@@ -1,5 +1,5 @@
-"""attnseg-infer with heads whose output is not class logits: a connectivity head (mask by bilateral voting, flip
-TTA through its direction channels) and HybridGNet (landmarks JSON, contour image, rasterized mask)."""
+"""attnseg-infer with heads whose output is not class logits: a connectivity head (mask by bilateral voting; flips
+and windows averaged as its class probabilities) and HybridGNet (landmarks JSON, contour image, rasterized mask)."""
 
 import json
 from pathlib import Path
@@ -54,7 +54,7 @@ def _model(cfg, ckpt):
     return model.eval()
 
 
-def test_connectivity_mask_is_the_vote_and_tta_swaps_directions(connectivity_run, tmp_path):
+def test_connectivity_mask_is_the_vote_and_tta_averages_its_probabilities(connectivity_run, tmp_path):
     cfg, ckpt = connectivity_run
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 255, (45, 61, 3), dtype=np.uint8)).save(tmp_path / "odd.png")
@@ -67,14 +67,21 @@ def test_connectivity_mask_is_the_vote_and_tta_swaps_directions(connectivity_run
         logits = model(x)
         assert logits.shape == (1, 8 * 3, 45, 61)  # 8 directions per class
         np.testing.assert_array_equal(mask, model.postprocess(logits)[0].numpy())
-        # the flip TTA of a connectivity model: a flipped image's direction channels are mirrored back
-        flipped = model.flip_output(model(x.flip(3)), 3)
+        # the head's probabilities (its vote) of a flipped image, flipped back, equal those of the flipped-back
+        # direction channels: what lets TTA average probabilities
+        probs = model.class_probabilities
+        torch.testing.assert_close(probs(model(x.flip(3))).flip(3), probs(model.flip_output(model(x.flip(3)), 3)))
     assert infer.main(["--config", str(cfg), "--checkpoint", str(ckpt), str(tmp_path / "odd.png"),
                        "--out", str(tmp_path / "tta"), "--tta", "--no-progress"]) == 0
     tta_mask = np.array(Image.open(tmp_path / "tta" / "odd_mask.png"))
-    with torch.no_grad():
-        expected = (logits + flipped + model.flip_output(model(x.flip(2)), 2)) / 3
-    np.testing.assert_array_equal(tta_mask, model.postprocess(expected)[0].numpy())
+    with torch.no_grad():  # flips are averaged as class probabilities (votes multiply logits: no logit averaging)
+        expected = (probs(logits) + probs(model(x.flip(2))).flip(2) + probs(model(x.flip(3))).flip(3)) / 3
+    np.testing.assert_array_equal(tta_mask, expected.argmax(1)[0].numpy())
+    # windows too: a 20-pixel window over the 45x61 image gives a mask of the image's size and classes
+    assert infer.main(["--config", str(cfg), "--checkpoint", str(ckpt), str(tmp_path / "odd.png"),
+                       "--out", str(tmp_path / "sw"), "--window", "20", "--no-progress"]) == 0
+    sw_mask = np.array(Image.open(tmp_path / "sw" / "odd_mask.png"))
+    assert sw_mask.shape == (45, 61) and sw_mask.max() < 3
 
 
 @pytest.fixture(scope="module", params=["avgpool", "flatten"])

@@ -247,7 +247,8 @@ def _infer_images(args: argparse.Namespace, cfg: Any, model: torch.nn.Module, fi
 
     from attnseg.datasets.io import convert_channels, read_image
     from attnseg.datasets.transforms import build_transform
-    from attnseg.engine.inference import flip_tta, predict_logits
+    from attnseg.engine.inference import blends_probabilities, flip_tta, predict_logits, probability_predictor
+    from attnseg.heads._common import label_map_of_probabilities
 
     overlap = 0.25 if args.overlap is None else args.overlap
     head = getattr(model, "head", model)
@@ -259,6 +260,8 @@ def _infer_images(args: argparse.Namespace, cfg: Any, model: torch.nn.Module, fi
     out_dir.mkdir(parents=True, exist_ok=True)
     n_cls = max(cfg.model.num_classes, 2)
     normalize = build_transform(None, cfg.data.normalize, train=False)
+    # Windows and flips of a head with its own probability rule (connectivity votes) are averaged as probabilities.
+    by_probabilities = blends_probabilities(model) and not landmarks
 
     for path in tqdm(files, desc="images", unit="img", disable=not args.progress or len(files) < 2):
         image = convert_channels(read_image(path), cfg.model.in_chans, path)  # [H, W, C] float in 0..1
@@ -272,15 +275,21 @@ def _infer_images(args: argparse.Namespace, cfg: Any, model: torch.nn.Module, fi
             x = torch.nn.functional.interpolate(x, size=tuple(fixed), mode="bilinear", align_corners=False,
                                                 antialias=True)
 
-        def predict(t: torch.Tensor, roi=roi) -> torch.Tensor:
-            return predict_logits(model, t, roi_size=roi, overlap=overlap)
+        blend = by_probabilities and (args.tta or roi is not None)
+        net = probability_predictor(model) if blend else model
+
+        def predict(t: torch.Tensor, roi=roi, net=net) -> torch.Tensor:
+            return predict_logits(net, t, roi_size=roi, overlap=overlap)
 
         with torch.inference_mode():
-            output = flip_tta(predict, x, getattr(model, "flip_output", None)) if args.tta else predict(x)
+            unflip = None if blend else getattr(model, "flip_output", None)
+            output = flip_tta(predict, x, unflip) if args.tta else predict(x)
             if fixed is not None:  # rasterize the contours at the image's own size
                 from attnseg.datasets.rasterize import landmarks_to_label_map
 
                 labels = landmarks_to_label_map(output["landmarks"], head.template, image.shape[:2])
+            elif blend:
+                labels = label_map_of_probabilities(output)
             else:
                 labels = model.postprocess(output)
             mask = labels[0].cpu().numpy().astype(np.uint8 if n_cls <= 256 else np.int32)

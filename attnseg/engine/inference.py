@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-__all__ = ["predict_logits", "flip_tta"]
+__all__ = ["predict_logits", "flip_tta", "blends_probabilities", "probability_predictor"]
 
 
 def predict_logits(
@@ -58,3 +58,21 @@ def flip_tta(predict: Callable[[torch.Tensor], torch.Tensor], image: torch.Tenso
     for ax in axes:
         out = out + unflip(predict(image.flip(ax)), ax)
     return out / (1 + len(axes))
+
+
+def blends_probabilities(model: nn.Module) -> bool:
+    """Whether windows and flips of ``model`` are averaged as class probabilities rather than logits: when its head
+    has its own ``class_probabilities`` rule (a connectivity head votes with products of its logits, so averaged
+    logits are not the logits of an averaged prediction)."""
+    head = getattr(model, "head", None)
+    return callable(getattr(head, "class_probabilities", None)) and callable(getattr(model, "class_probabilities", None))
+
+
+def probability_predictor(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``x -> model.class_probabilities(model(x))``: a predictor for :func:`predict_logits` / :func:`flip_tta` whose
+    windows and flips are then blended as probabilities."""
+
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        return model.class_probabilities(model(x))
+
+    return predict

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attnseg.engine.inference import flip_tta, predict_logits
+from attnseg.engine.inference import blends_probabilities, flip_tta, predict_logits, probability_predictor
 from attnseg.heads._common import class_probabilities
 
 __all__ = ["VolumeInput", "VolumePrediction", "VolumePredictor", "as_closest_ras", "case_name", "read_volume",
@@ -182,7 +182,8 @@ class VolumePredictor:
         roi_size: sliding-window size (default: ``evaluation.roi_size``, else the training crop, else the whole
             volume in one pass).
         overlap, blend_mode, sw_batch_size: sliding-window settings (default: ``evaluation``'s).
-        tta: average the logits over the identity and a flip of each spatial axis.
+        tta: average over the identity and a flip of each spatial axis: the logits, or for a head with its own
+            ``class_probabilities`` rule (connectivity) the probabilities, as windows are then blended too.
         device: where the model runs.
         progress: show MONAI's per-window progress bar.
 
@@ -240,28 +241,32 @@ class VolumePredictor:
         return image[None], affine
 
     @torch.inference_mode()
-    def logits(self, image: torch.Tensor) -> torch.Tensor:
-        """Logits ``[1, K, *processed]`` of a prepared image, by sliding window (and flips with ``tta``)."""
+    def logits(self, image: torch.Tensor, *, probabilities: bool = False) -> torch.Tensor:
+        """Logits ``[1, K, *processed]`` of a prepared image, by sliding window (and flips with ``tta``); with
+        ``probabilities`` the model's class probabilities, blended and averaged as probabilities."""
         roi = self.roi_size
         if roi is not None:
             # A window no larger than the volume: one that covers it gives exactly the whole-volume forward pass.
             roi = [min(r, s) for r, s in zip(roi, image.shape[2:])]
+        predictor = probability_predictor(self.model) if probabilities else self.model
 
         def run(x: torch.Tensor) -> torch.Tensor:
-            return predict_logits(self.model, x, roi_size=roi, overlap=self.overlap, blend_mode=self.blend_mode,
+            return predict_logits(predictor, x, roi_size=roi, overlap=self.overlap, blend_mode=self.blend_mode,
                                   sw_batch_size=self.sw_batch_size, progress=self.progress)
 
         image = image.to(self.device)
-        unflip = getattr(self.model, "flip_output", None)
+        unflip = getattr(self.model, "flip_output", None) if not probabilities else None
         return (flip_tta(run, image, unflip) if self.tta else run(image)).float().cpu()
 
     def __call__(self, volume: VolumeInput, *, probabilities: bool = False) -> VolumePrediction:
         """Labels (and optionally class probabilities) of ``volume`` on its own grid."""
         image, processed_affine = self.prepare(volume)
-        logits = self.logits(image)  # [1, K, *processed]
-        # The head's rule (a connectivity head votes its direction channels into class probabilities).
-        to_probs = getattr(self.model, "class_probabilities", None) or class_probabilities
-        probs = to_probs(logits)[0]
+        if blends_probabilities(self.model):
+            # The head's own rule (a connectivity head votes its direction channels into class probabilities), per
+            # window and flip, so that overlaps and flips are averaged as probabilities.
+            probs = self.logits(image, probabilities=True)[0]
+        else:
+            probs = class_probabilities(self.logits(image))[0]  # [K, *processed]
         single = probs.shape[0] == 1
         # Outside the processed volume: background (probability 1 of class 0; 0 for a one-channel sigmoid).
         fill = [0.0] if single else [1.0] + [0.0] * (probs.shape[0] - 1)

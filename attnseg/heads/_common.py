@@ -17,7 +17,8 @@ from torch import nn
 
 from attnseg.errors import InputSizeError
 
-__all__ = ["HeadOutput", "check_head_inputs", "class_probabilities", "head_output_kind", "label_map"]
+__all__ = ["HeadOutput", "check_head_inputs", "class_probabilities", "head_output_kind", "label_map",
+           "label_map_of_probabilities"]
 
 HeadOutput: TypeAlias = "torch.Tensor | dict[str, Any]"
 
@@ -61,3 +62,9 @@ def label_map(logits: torch.Tensor) -> torch.Tensor:
 def class_probabilities(logits: torch.Tensor) -> torch.Tensor:
     """``[B, C, *S]`` logits -> probabilities: softmax over classes, or the sigmoid of a single channel."""
     return torch.sigmoid(logits) if logits.shape[1] == 1 else torch.softmax(logits, dim=1)
+
+
+def label_map_of_probabilities(probs: torch.Tensor) -> torch.Tensor:
+    """``[B, K, *S]`` class probabilities -> ``[B, *S]`` int64 labels: argmax, or > 0.5 for one channel (the rule of
+    :func:`label_map` on the probabilities a head's ``class_probabilities`` gives)."""
+    return (probs[:, 0] > 0.5).long() if probs.shape[1] == 1 else probs.argmax(1)

@@ -209,3 +209,27 @@ def test_real_template_round_trips_affine_and_header(tmp_path):
     truth = (np.asarray(src.dataobj) > 100).astype(np.int64)
     dice = 2 * (pred.labels * truth).sum() / (pred.labels.sum() + truth.sum())
     assert dice > 0.9
+
+
+def test_a_connectivity_model_is_blended_and_flipped_as_class_probabilities():
+    from attnseg.heads.connectivity import ConnectivityHead
+    from attnseg.models import Segmentor
+    from attnseg.registry import BACKBONES
+
+    torch.manual_seed(0)
+    backbone = BACKBONES.get("test_swinvit")(in_chans=1)
+    info = backbone.feature_info
+    head = ConnectivityHead([f["num_chs"] for f in info], [f["reduction"] for f in info], num_classes=3,
+                            spatial_dims=3, in_chans=1, inner={"name": "unetr", "feature_size": 12},
+                            neighbours=26)
+    model = Segmentor(backbone, head).eval()
+    image = torch.from_numpy(np.random.default_rng(2).standard_normal((1, 1, 32, 32, 32)).astype(np.float32))
+    cfg = cfg_with(None, sliding_window=True)
+    with torch.no_grad():
+        probs = model.class_probabilities(model(image))
+        flips = [probs] + [model.class_probabilities(model(image.flip(a))).flip(a) for a in (2, 3, 4)]
+    assert model(image).shape == (1, 26 * 3, 32, 32, 32) and probs.shape == (1, 3, 32, 32, 32)
+    volume = VolumeInput("v", image[0].numpy(), np.eye(4), ())
+    pred = VolumePredictor(model, cfg, tta=True)(volume, probabilities=True)
+    np.testing.assert_allclose(pred.probabilities, torch.stack(flips).mean(0)[0].numpy(), atol=1e-5)
+    np.testing.assert_array_equal(pred.labels, torch.stack(flips).mean(0)[0].argmax(0).numpy())
