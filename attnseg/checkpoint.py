@@ -205,13 +205,30 @@ def _classifier_keys(model: nn.Module) -> set[str]:
     return keys
 
 
-def _family_scope(model: nn.Module, family: str | None) -> tuple[str | None, str]:
-    """The converter family and the key prefix of the module it applies to (``""`` or ``"backbone."``)."""
+def _recognises(family: str, sd: dict[str, torch.Tensor]) -> bool:
+    """Whether ``family``'s converter says ``sd`` is in its official layout."""
+    from attnseg.convert import families, get_converter
+
+    if family not in families():
+        return False
+    is_official = getattr(get_converter(family), "is_official", None)
+    return bool(is_official is not None and is_official(sd))
+
+
+def _family_scope(model: nn.Module, family: str | None, sd: dict[str, torch.Tensor]) -> tuple[str | None, str]:
+    """The converter family and the key prefix of the module it applies to (``""`` or ``"backbone."``).
+
+    Without an explicit ``family``: the model's own, else its head's when the head's converter recognises ``sd`` as a
+    whole published model (an official DconnNet or MSGA file into a config-built Segmentor), else the backbone's.
+    """
     if family is not None:
         scope = "" if getattr(model, "family", None) == family or not hasattr(model, "backbone") else "backbone."
         return family, scope
     if getattr(model, "family", None):
         return model.family, ""
+    head_family = getattr(getattr(model, "head", None), "family", None)
+    if head_family and _recognises(head_family, sd):
+        return head_family, ""
     backbone = getattr(model, "backbone", None)
     if isinstance(backbone, nn.Module):
         return getattr(backbone, "family", None), "backbone."
@@ -233,7 +250,8 @@ def load_pretrained(
         strict: raise on missing or unexpected keys; with ``False`` they are only reported. Shape
             mismatches and checkpoints of another model always raise; classifier keys of another class
             count are dropped and reported either way.
-        family: converter family to apply (default: ``model.family``, else ``model.backbone.family``).
+        family: converter family to apply (default: ``model.family``, else ``model.head.family`` for a checkpoint
+            its converter recognises as a whole published model, else ``model.backbone.family``).
 
     Returns:
         A :class:`LoadReport`.
@@ -257,7 +275,7 @@ def load_pretrained(
     report = LoadReport(ignored=ignored)
 
     explicit = family is not None
-    family, scope = _family_scope(model, family)
+    family, scope = _family_scope(model, family, sd)
     scope_keys = {k[len(scope):] for k in model_keys if k.startswith(scope)}
     bare = bool(scope) and not any(k.startswith(scope) for k in sd)  # a backbone checkpoint, wrapped model
     view = sd if not scope or bare else {k[len(scope):]: v for k, v in sd.items() if k.startswith(scope)}

@@ -355,6 +355,8 @@ class DconnNetHead(_ConnectivityOutput, nn.Module):
         torch.Size([1, 52, 32, 32, 32])
     """
 
+    family = "dconnnet"  # official DconnNet files load into any model with this head (attnseg.convert.dconnnet)
+
     def __init__(
         self,
         in_channels: Sequence[int],

@@ -79,3 +79,23 @@ def test_load_pretrained_detects_the_official_layout(fixture, official, tmp_path
     load_pretrained(model, path)
     loaded, expected = model.state_dict(), official.model.state_dict()
     assert loaded.keys() == expected.keys() and all(torch.equal(loaded[k], expected[k]) for k in loaded)
+
+
+def test_official_file_into_the_config_built_model(fixture, official, tmp_path):
+    """``model.checkpoint`` of a config: a plain Segmentor (no family of its own) finds the converter through its
+    head, while backbone-only checkpoints still go to the backbone."""
+    from attnseg.config import load_config
+    from attnseg.models.builder import build_model
+
+    path = tmp_path / "dconnnet_official.pth"
+    torch.save({k: v.contiguous() for k, v in fixture["state_dict"].items()}, path)
+    cfg = load_config("configs/connectivity/dconnnet_resnet34_isic_binary.yaml", [f"model.checkpoint={path}"])
+    model = build_model(cfg).eval()
+    assert type(model).__name__ == "Segmentor"
+    with torch.no_grad():
+        torch.testing.assert_close(model(fixture["input"].float()), fixture["output"]["logits"], **_tol(fixture))
+    backbone_file = tmp_path / "resnet34.pth"
+    torch.save(official.model.backbone.state_dict(), backbone_file)
+    report = load_pretrained(build_model(load_config("configs/connectivity/dconnnet_resnet34_isic_binary.yaml")),
+                             backbone_file, strict=False)
+    assert report.converted is None and not report.unexpected
