@@ -278,6 +278,7 @@ class MSGAHead(nn.Module):
 
     output_kind = "msga"
     default_loss = "msga"
+    family = "msga"  # official DAF_stack files load into any model with this head (attnseg.convert.msga)
 
     def __init__(
         self,
