@@ -167,12 +167,12 @@ def bench_models(families: list[str], biformer_repo: str | None, nat_repo: str |
     import json
 
     rows = []
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())  # names the run in the report
     for family in families:
         cases = [(name, input_size(name), {}) for name in VARIANTS[family]] + DENSE.get(family, [])
         for name, size, overrides in cases:
             label = name + "".join(f" {k}={v}" for k, v in overrides.items())
-            row: dict[str, Any] = {"family": family, "model": label, "size": size,
-                                   "run": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+            row: dict[str, Any] = {"family": family, "model": label, "size": size, "run": started}
             ours = build("attnseg", name, **overrides)
             kind, repo, reason = reference_of(name, biformer_repo, nat_repo)
             row["reference"] = "timm 1.0.31" if kind == "timm" else "official code"
