@@ -6,6 +6,7 @@ import pytest
 
 import attnseg.backbones.mambaout
 import attnseg.backbones.resnet
+import attnseg.backbones.sparsifiner
 import attnseg.convert
 import attnseg.datasets.landmark_template
 import attnseg.datasets.rasterize
@@ -34,6 +35,7 @@ import attnseg.ops.modules
                                     attnseg.ops.functional, attnseg.ops.modules, attnseg.convert,
                                     attnseg.layers.dims, attnseg.layers.drop, attnseg.layers.norm,
                                     attnseg.backbones.resnet,
+                                    attnseg.backbones.sparsifiner,
                                     attnseg.heads.connectivity,
                                     attnseg.heads.msga,
                                     attnseg.heads.hybridgnet,

@@ -1,15 +1,16 @@
-"""What the 2D backbone families share: the input check of ``forward_*`` and the norm + linear classifier reset."""
+"""What the 2D backbone families share: the input check of ``forward_*``, the norm + linear classifier reset, and the
+cls-token head and token-map pyramid of the plain (ViT-style) backbones."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
 from attnseg.errors import InputSizeError
 
-__all__ = ["check_image_input", "reset_norm_linear_head", "init_linear_layernorm"]
+__all__ = ["check_image_input", "reset_norm_linear_head", "init_linear_layernorm", "token_pyramid", "cls_token_head"]
 
 
 def check_image_input(model: nn.Module, x: torch.Tensor) -> None:
@@ -50,3 +51,21 @@ def init_linear_layernorm(m: nn.Module) -> None:
     elif isinstance(m, nn.LayerNorm):
         nn.init.ones_(m.weight)
         nn.init.zeros_(m.bias)
+
+
+def token_pyramid(pyramid: nn.Module | None, tokens: torch.Tensor, grid: tuple[int, int], size: Sequence[int],
+                  num_prefix_tokens: int = 1) -> list[torch.Tensor]:
+    """ViT tokens ``[B, prefix + h*w, C]`` -> the NCHW maps of ``pyramid`` (a simple feature pyramid, cropped to the
+    input ``size``), or the stride-``patch`` map ``[B, C, h, w]`` alone when ``pyramid`` is None."""
+    feats = tokens[:, num_prefix_tokens:].transpose(1, 2).reshape(tokens.shape[0], -1, *grid)  # [B, C, h, w]
+    if pyramid is None:
+        return [feats.contiguous()]
+    return pyramid(feats, size=size)
+
+
+def cls_token_head(model: nn.Module, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+    """Tokens ``[B, N, C]`` -> logits of ``model.head`` on the cls token after ``model.norm`` (DeiT's head)."""
+    if model.head is None:
+        raise RuntimeError(f"this {type(model).__name__} has no classifier (num_classes=0); use forward_pyramid")
+    x = model.norm(x)[:, 0]
+    return x if pre_logits else model.head(x)

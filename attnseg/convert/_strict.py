@@ -9,7 +9,9 @@ from torch import nn
 
 from attnseg.errors import CheckpointError
 
-__all__ = ["load_strict"]
+__all__ = ["load_strict", "unwrap_state_dict"]
+
+WRAPPERS = ("state_dict_ema", "model_ema", "state_dict", "model")
 
 
 def load_strict(model: nn.Module, converted: dict[str, Any], what: str) -> nn.Module:
@@ -29,3 +31,14 @@ def load_strict(model: nn.Module, converted: dict[str, Any], what: str) -> nn.Mo
         raise CheckpointError(f"{what}: " + "; ".join(parts))
     model.load_state_dict(converted, strict=True)
     return model.eval()
+
+
+def unwrap_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """The weights inside a training checkpoint's wrapper dicts (``'state_dict_ema'``, ``'model_ema'``,
+    ``'state_dict'``, ``'model'``, in that order of preference, up to three levels deep)."""
+    for _ in range(3):
+        inner = next((state_dict[k] for k in WRAPPERS if isinstance(state_dict.get(k), dict)), None)
+        if inner is None:
+            break
+        state_dict = inner
+    return state_dict

@@ -22,7 +22,7 @@ from typing import Any
 from torch import nn
 
 from attnseg.backbones.transnext import TransNeXt
-from attnseg.convert._strict import load_strict
+from attnseg.convert._strict import load_strict, unwrap_state_dict
 from attnseg.errors import CheckpointError
 from attnseg.registry import BACKBONES, suggest
 
@@ -40,15 +40,10 @@ _KEYS = [
 ]
 _BUFFERS = [r"relative_pos_index\d+", r"relative_coords_table\d+",
             r"block\d+\.\d+\.attn\.(seq_length_scale|padding_mask|relative_pos_index|relative_coords_table)"]
-_WRAPPERS = ("state_dict_ema", "model_ema", "state_dict", "model")
 
 
 def _unwrap(state_dict: dict[str, Any]) -> dict[str, Any]:
-    for _ in range(3):
-        inner = next((state_dict[k] for k in _WRAPPERS if isinstance(state_dict.get(k), dict)), None)
-        if inner is None:
-            break
-        state_dict = inner
+    state_dict = unwrap_state_dict(state_dict)
     if any(k.startswith("backbone.") for k in state_dict):
         state_dict = {k[len("backbone."):]: v for k, v in state_dict.items() if k.startswith("backbone.")}
     return state_dict

@@ -6,7 +6,7 @@ import torch
 from attnseg.registry import BACKBONES
 
 VARIANTS = ["test_nat", "test_nat_isotropic", "test_biformer", "test_halonet", "test_transnext", "test_overlock",
-            "test_resnet", "test_karat"]
+            "test_resnet", "test_karat", "test_sparsifiner"]
 
 
 @pytest.mark.parametrize("name", VARIANTS)
