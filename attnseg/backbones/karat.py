@@ -48,7 +48,8 @@ magnitude. This lets the backbone contract (any input size, dense heads, the sim
 away from the built size is untested. ``dynamic_size=False`` refuses other sizes with :class:`InputSizeError`.
 
 Cost: the basis features ``[B, heads, N, N, num_functions]`` dominate activation memory (the paper reports 2.5-3x the
-training memory of a softmax ViT); ``set_grad_checkpointing`` trades it for recomputation.
+training memory of a softmax ViT); ``row_chunk`` (``Phi`` over chunks of query rows, each checkpointed) or
+``set_grad_checkpointing`` (whole blocks) trade it for recomputation.
 
 Dense use: :meth:`KArAtViT.forward_pyramid` feeds the last stride-16 map to ViTDet's simple feature pyramid (strides
 4, 8, 16, 32, cropped to ``ceil(size / stride)``).
@@ -195,6 +196,9 @@ class KArAtOperator(nn.Module):
         base_activation: ``b(x)`` added to every unit (``"identity"``, ``"silu"``, ``"gelu"``), default none.
         simplex_projection: project each ``Phi`` row onto the simplex before ``W`` (the paper's l1 option).
         dynamic_size: accept other grids by resizing ``c`` and ``W`` (see the module docstring); else raise.
+        row_chunk: compute ``Phi`` for this many query rows at a time, so that the basis features exist for one
+            chunk only (``[B, heads, row_chunk, N, num_functions]``); with gradients on, each chunk is checkpointed
+            (its features recomputed in the backward pass). Same result; None: all rows at once.
 
     Example::
 
@@ -206,9 +210,12 @@ class KArAtOperator(nn.Module):
     def __init__(self, num_heads: int, grid_size: Sequence[int], rank: int = 12, order: int = 3,
                  basis: str | Callable[..., KANBasis] = "fourier", basis_kwargs: dict[str, Any] | None = None,
                  num_prefix_tokens: int = 1, coeff_std: float | None = None, base_activation: str | None = None,
-                 simplex_projection: bool = False, dynamic_size: bool = True) -> None:
+                 simplex_projection: bool = False, dynamic_size: bool = True, row_chunk: int | None = None) -> None:
         super().__init__()
         grid_size = tuple(int(g) for g in grid_size)
+        if row_chunk is not None and row_chunk < 1:
+            raise ValueError(f"row_chunk must be >= 1 or None, got {row_chunk=}")
+        self.row_chunk = row_chunk
         if num_heads < 1 or rank < 1 or num_prefix_tokens < 0 or len(grid_size) != 2 or min(grid_size) < 1:
             raise ValueError(f"KArAtOperator needs num_heads, rank >= 1, a 2-D grid_size of positive sides and "
                              f"num_prefix_tokens >= 0, got {num_heads=}, {rank=}, {grid_size=}, {num_prefix_tokens=}")
@@ -252,14 +259,25 @@ class KArAtOperator(nn.Module):
             raise ValueError(f"operator built for {self.num_heads} heads, got logits with {H}")
         coeff, weight = self.parameters_for(grid_size, N)
         dtype = torch.promote_types(attn.dtype, torch.float32)
-        a = attn.to(dtype)
-        feats = self.basis(a)  # [B, h, N, N, nf]
-        phi = feats.reshape(B, H, N, -1) @ coeff.to(dtype).reshape(H, -1, self.rank)  # [B, h, N, N nf] -> [B, h, N, r]
+        a, coeff = attn.to(dtype), coeff.to(dtype).reshape(H, -1, self.rank)  # coeff [h, N nf, r]
+        if self.row_chunk is None or self.row_chunk >= N:
+            phi = self._phi(a, coeff)
+        else:
+            grad = torch.is_grad_enabled() and (a.requires_grad or coeff.requires_grad)
+            phi = torch.cat([checkpoint(self._phi, rows, coeff, use_reentrant=False) if grad else self._phi(rows, coeff)
+                             for rows in a.split(self.row_chunk, dim=2)], dim=2)
+        return (phi @ weight.to(dtype).transpose(-1, -2)).to(attn.dtype)  # [B, h, N, r] @ [h, r, N] -> [B, h, N, N]
+
+    def _phi(self, a: torch.Tensor, coeff: torch.Tensor) -> torch.Tensor:
+        """Logit rows ``[B, h, n, N]`` -> ``Phi`` ``[B, h, n, r]`` (then the row-wise options)."""
+        B, H, n, N = a.shape
+        feats = self.basis(a)  # [B, h, n, N, nf]
+        phi = feats.reshape(B, H, n, -1) @ coeff  # [B, h, n, N nf] @ [h, N nf, r] -> [B, h, n, r]
         if self.base_activation is not None:
             phi = phi + _BASE_ACTIVATIONS[self.base_activation](a).sum(-1, keepdim=True)
         if self.simplex_projection:
             phi = simplex_projection(phi)
-        return (phi @ weight.to(dtype).transpose(-1, -2)).to(attn.dtype)  # [B, h, N, r] @ [h, r, N] -> [B, h, N, N]
+        return phi
 
 
 # -- blocks -------------------------------------------------------------------------------------------------------
@@ -336,7 +354,7 @@ class KArAtViT(nn.Module):
         order: basis order ``G`` (Fourier grid size; the paper's G1/G3).
         mode: ``"blockwise"`` (one operator per block and head, "GnB") or ``"universal"`` (one per head shared by
             all blocks, "GnU").
-        basis, basis_kwargs, coeff_std, base_activation, simplex_projection: see :class:`KArAtOperator`.
+        basis, basis_kwargs, coeff_std, base_activation, simplex_projection, row_chunk: see :class:`KArAtOperator`.
         dynamic_size: run other input sizes by resizing the position embedding and operators (else raise).
         out_indices: simple-feature-pyramid levels (0..3: strides 4, 8, 16, 32) of :meth:`forward_pyramid`.
         pyramid: build the simple feature pyramid (else ``forward_pyramid`` returns the stride-16 map).
@@ -357,7 +375,8 @@ class KArAtViT(nn.Module):
                  drop_path_rate: float = 0.0, rank: int = 12, order: int = 3, mode: str = "blockwise",
                  basis: str | Callable[..., KANBasis] = "fourier", basis_kwargs: dict[str, Any] | None = None,
                  coeff_std: float | None = None, base_activation: str | None = None, simplex_projection: bool = False,
-                 dynamic_size: bool = True, out_indices: Sequence[int] = (0, 1, 2, 3), pyramid: bool = True) -> None:
+                 dynamic_size: bool = True, row_chunk: int | None = None, out_indices: Sequence[int] = (0, 1, 2, 3),
+                 pyramid: bool = True) -> None:
         super().__init__()
         if num_classes < 0 or in_chans < 1 or depth < 1 or patch_size < 1:
             raise ValueError(f"need in_chans, depth, patch_size >= 1 and num_classes >= 0, got {in_chans=}, "
@@ -377,7 +396,7 @@ class KArAtViT(nn.Module):
         make_operator = functools.partial(
             KArAtOperator, num_heads, self.grid_size, rank=rank, order=order, basis=basis, basis_kwargs=basis_kwargs,
             coeff_std=coeff_std, base_activation=base_activation, simplex_projection=simplex_projection,
-            dynamic_size=dynamic_size)
+            dynamic_size=dynamic_size, row_chunk=row_chunk)
         rates = drop_path_rates([depth], drop_path_rate)[0]
 
         self.patch_embed = PatchEmbed(in_chans, embed_dim, patch_size, norm=False)

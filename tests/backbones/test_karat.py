@@ -277,3 +277,28 @@ def test_docstring_examples():
 
     result = doctest.testmod(karat, extraglobs={"torch": torch}, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0
+
+
+@pytest.mark.parametrize("options", [{}, {"base_activation": "gelu", "simplex_projection": True}])
+def test_row_chunks_give_the_same_values_and_gradients(options):
+    torch.manual_seed(0)
+    full = KArAtOperator(2, (3, 3), rank=3, order=2, **options).double()
+    chunked = KArAtOperator(2, (3, 3), rank=3, order=2, row_chunk=4, **options).double()
+    chunked.load_state_dict(full.state_dict())
+    A = torch.randn(2, 2, 10, 10, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, 2, 10, 10, dtype=torch.float64)
+    outs, grads = [], []
+    for op in (full, chunked):
+        out = op(A)
+        (out * g).sum().backward()
+        outs.append(out)
+        grads.append([A.grad.clone(), op.coefficients.grad.clone(), op.weight.grad.clone()])
+        A.grad = None
+    assert torch.allclose(outs[0], outs[1], atol=1e-12)
+    assert all(torch.allclose(x, y, atol=1e-12) for x, y in zip(*grads))
+    with torch.no_grad():
+        assert torch.allclose(chunked(A), outs[0], atol=1e-12)
+    with pytest.raises(ValueError, match="row_chunk"):
+        KArAtOperator(1, (2, 2), row_chunk=0)
+    model = BACKBONES.get("test_karat")(row_chunk=5, num_classes=2)
+    assert model.blocks[0].attn.operator.row_chunk == 5 and model(torch.randn(1, 3, 64, 48)).shape == (1, 2)
