@@ -63,10 +63,17 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from timm.layers import resample_abs_pos_embed
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from attnseg.backbones._common import check_image_input, init_linear_layernorm, reset_norm_linear_head
+from attnseg.backbones._common import (
+    check_image_input,
+    cls_token_head,
+    init_linear_layernorm,
+    reset_norm_linear_head,
+    token_pyramid,
+)
 from attnseg.errors import InputSizeError
 from attnseg.layers import DropPath, Mlp, SimpleFeaturePyramid, drop_path_rates
 from attnseg.layers.swin import PatchEmbed
@@ -152,29 +159,25 @@ def resize_token_grid(t: torch.Tensor, old_grid: Sequence[int], new_grid: Sequen
                       dim: int = 1, scale_mass: bool = False) -> torch.Tensor:
     """Resize a per-token axis holding ``num_prefix`` tokens then a row-major ``old_grid`` of patches.
 
-    The patch part of axis ``dim`` is resized bicubically (antialiased when shrinking) to ``new_grid``; prefix
-    tokens are kept. ``scale_mass`` multiplies the resized patch part by ``old_patches / new_patches`` (for
-    weights that are summed over tokens).
+    The patch part of axis ``dim`` is resized to ``new_grid`` by timm's ``resample_abs_pos_embed`` (bicubic,
+    antialiased); prefix tokens are kept. ``scale_mass`` multiplies the resized patch part by
+    ``old_patches / new_patches`` (for weights that are summed over tokens).
 
     Example::
 
         >>> resize_token_grid(torch.randn(2, 1 + 4 * 4, 5), (4, 4), (3, 7)).shape
         torch.Size([2, 22, 5])
     """
-    (gh, gw), (nh, nw) = tuple(old_grid), tuple(new_grid)
-    if (gh, gw) == (nh, nw):
+    if tuple(old_grid) == tuple(new_grid):
         return t
     t = t.movedim(dim, 0)  # [N, *rest]
-    prefix, grid = t[:num_prefix], t[num_prefix:]
-    rest = grid.shape[1:]
-    grid = grid.reshape(1, gh, gw, -1).permute(0, 3, 1, 2)  # [1, R, gh, gw]
-    dtype = grid.dtype
-    grid = F.interpolate(grid.float() if dtype in (torch.float16, torch.bfloat16) else grid, size=(nh, nw),
-                         mode="bicubic", align_corners=False, antialias=nh < gh or nw < gw).to(dtype)
-    grid = grid.permute(0, 2, 3, 1).reshape(nh * nw, *rest)  # [1, R, nh, nw] -> [nh * nw, *rest]
+    rest = t.shape[1:]
+    out = resample_abs_pos_embed(t.reshape(1, t.shape[0], -1), list(new_grid), list(old_grid),
+                                 num_prefix_tokens=num_prefix)[0]  # [1, N, R] -> [N', R]
     if scale_mass:
-        grid = grid * (gh * gw / (nh * nw))
-    return torch.cat([prefix, grid], dim=0).movedim(0, dim)
+        ratio = old_grid[0] * old_grid[1] / (new_grid[0] * new_grid[1])
+        out = torch.cat([out[:num_prefix], out[num_prefix:] * ratio], dim=0)
+    return out.reshape(-1, *rest).movedim(0, dim)
 
 
 class KArAtOperator(nn.Module):
@@ -465,18 +468,12 @@ class KArAtViT(nn.Module):
 
     def forward_pyramid(self, x: torch.Tensor) -> list[torch.Tensor]:
         """NCHW maps at the strides of ``feature_info``: ``[B, C_i, ceil(H/s_i), ceil(W/s_i)]``."""
-        tokens, (h, w) = self._tokens(x)
-        feats = tokens[:, self.num_prefix_tokens:].transpose(1, 2).reshape(x.shape[0], -1, h, w)  # [B, C, h, w]
-        if self.pyramid is None:
-            return [feats.contiguous()]
-        return self.pyramid(feats, size=x.shape[-2:])
+        tokens, grid = self._tokens(x)
+        return token_pyramid(self.pyramid, tokens, grid, x.shape[-2:], self.num_prefix_tokens)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Tokens ``[B, N, C]`` -> logits: final LayerNorm, cls token, linear."""
-        if self.head is None:
-            raise RuntimeError(f"this {type(self).__name__} has no classifier (num_classes=0); use forward_pyramid")
-        x = self.norm(x)[:, 0]
-        return x if pre_logits else self.head(x)
+        return cls_token_head(self, x, pre_logits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, in_chans, H, W]`` -> logits ``[B, num_classes]``."""
