@@ -75,7 +75,7 @@ from attnseg.backbones._common import (
     token_pyramid,
 )
 from attnseg.errors import InputSizeError
-from attnseg.layers import DropPath, Mlp, SimpleFeaturePyramid, drop_path_rates
+from attnseg.layers import DropPath, Mlp, SimpleFeaturePyramid, drop_path_rates, plain_feature_info
 from attnseg.layers.swin import PatchEmbed
 from attnseg.registry import BACKBONES, suggest
 
@@ -413,11 +413,7 @@ class KArAtViT(nn.Module):
         self.grad_checkpointing = False
         self.pyramid = SimpleFeaturePyramid(embed_dim, out_indices) if pyramid else None
         self.out_indices = tuple(out_indices) if pyramid else (2,)
-        if pyramid:
-            self.feature_info = [{"num_chs": c, "reduction": r, "module": f"pyramid.stages.{j}"} for j, (c, r) in
-                                 enumerate(zip(self.pyramid.channels, self.pyramid.reductions))]
-        else:
-            self.feature_info = [{"num_chs": embed_dim, "reduction": patch_size, "module": "blocks"}]
+        self.feature_info = plain_feature_info(self.pyramid, embed_dim, patch_size, "blocks")
         self.norm = _LayerNorm(embed_dim) if num_classes else None
         self.head = nn.Linear(embed_dim, num_classes) if num_classes else None
         self.apply(self._init_weights)

@@ -49,7 +49,14 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from attnseg.backbones._common import check_image_input, init_linear_layernorm, reset_norm_linear_head
-from attnseg.layers import DropPath, Mlp, SimpleFeaturePyramid, drop_path_rates, relative_position_bias_2d
+from attnseg.layers import (
+    DropPath,
+    Mlp,
+    SimpleFeaturePyramid,
+    drop_path_rates,
+    plain_feature_info,
+    relative_position_bias_2d,
+)
 from attnseg.ops import NeighborhoodAttention2D
 from attnseg.registry import BACKBONES, suggest
 
@@ -487,11 +494,7 @@ class NATIsotropic(nn.Module):
         self.grad_checkpointing = False
         self.pyramid = SimpleFeaturePyramid(embed_dim, out_indices) if pyramid else None
         self.out_indices = tuple(out_indices) if pyramid else (2,)
-        if pyramid:
-            self.feature_info = [{"num_chs": c, "reduction": r, "module": f"pyramid.stages.{j}"} for j, (c, r) in
-                                 enumerate(zip(self.pyramid.channels, self.pyramid.reductions))]
-        else:
-            self.feature_info = [{"num_chs": embed_dim, "reduction": patch_size, "module": "layers"}]
+        self.feature_info = plain_feature_info(self.pyramid, embed_dim, patch_size, "layers")
         self.norm = nn.LayerNorm(embed_dim) if num_classes else None
         self.head = nn.Linear(embed_dim, num_classes) if num_classes else None
         self.apply(self._init_weights)

@@ -9,7 +9,7 @@ from torch import nn
 
 from attnseg.layers.norm import LayerNorm2d
 
-__all__ = ["SimpleFeaturePyramid"]
+__all__ = ["SimpleFeaturePyramid", "plain_feature_info"]
 
 
 class SimpleFeaturePyramid(nn.Module):
@@ -72,3 +72,18 @@ class SimpleFeaturePyramid(nn.Module):
                 y = y[..., : -(-size[0] // stride), : -(-size[1] // stride)]
             outs.append(y.contiguous())
         return outs
+
+
+def plain_feature_info(pyramid: SimpleFeaturePyramid | None, dim: int, stride: int, module: str) -> list[dict]:
+    """``feature_info`` of a plain (single-resolution) backbone: the levels of its simple feature pyramid, or, without
+    one, the single stride-``stride`` map of ``dim`` channels that ``module`` outputs.
+
+    Example::
+
+        >>> [i["reduction"] for i in plain_feature_info(SimpleFeaturePyramid(32, (1, 3)), 32, 16, "blocks")]
+        [8, 32]
+    """
+    if pyramid is None:
+        return [{"num_chs": dim, "reduction": stride, "module": module}]
+    return [{"num_chs": c, "reduction": r, "module": f"pyramid.stages.{j}"}
+            for j, (c, r) in enumerate(zip(pyramid.channels, pyramid.reductions))]
