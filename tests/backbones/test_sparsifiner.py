@@ -8,6 +8,7 @@ import attnseg
 from attnseg.backbones.sparsifiner import (
     ConnectivityPredictor,
     Sparsifiner,
+    sparse_attention_csr,
     sparse_attention_gather,
     sparse_attention_masked,
 )
@@ -41,15 +42,17 @@ def test_gather_attention_equals_masked_dense(chunk):
     ref, attn, unmasked = sparse_attention_masked(q, k, v, mask, d**-0.5)
     out = sparse_attention_gather(q, k, v, idx, d**-0.5, chunk=chunk)
     torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(sparse_attention_csr(q, k, v, idx, d**-0.5), ref, atol=1e-6, rtol=1e-5)
     assert torch.equal(attn > 0, mask) and torch.allclose(unmasked.sum(-1), torch.ones(B, H, N))
 
 
+@pytest.mark.parametrize("impl", ["csr", "gather"])
 @pytest.mark.parametrize("size", [(64, 64), (97, 131)])
-def test_model_gather_and_masked_give_the_same_outputs(size):
+def test_model_sparse_and_masked_give_the_same_outputs(size, impl):
     model = _randomize(BACKBONES.get("test_sparsifiner")(num_classes=7)).eval()
     x = torch.randn(2, 3, *size)
     with torch.no_grad():
-        model.attn_impl = "gather"
+        model.attn_impl = impl
         logits, maps = model(x), model.forward_pyramid(x)
         model.attn_impl = "masked"
         logits_ref, maps_ref = model(x), model.forward_pyramid(x)
@@ -139,3 +142,18 @@ def test_bad_arguments_and_inputs():
     model = BACKBONES.get("test_sparsifiner")()
     with pytest.raises(InputSizeError, match="needs H and W >= 16"):
         model(torch.randn(1, 3, 8, 64))
+
+
+@pytest.mark.parametrize("fn", [sparse_attention_csr, sparse_attention_gather])
+def test_sparse_attention_gradients_equal_the_masked_ones(fn):
+    torch.manual_seed(1)
+    B, H, N, d, budget = 1, 2, 13, 4, 5
+    idx = _random_indices(B, H, N, budget, seed=1)
+    keep = torch.zeros(B, H, N - 1, N, dtype=torch.bool).scatter_(-1, idx, True)
+    mask = torch.cat([torch.ones(B, H, 1, N, dtype=torch.bool), keep], dim=2)
+    qkv = [torch.randn(B, H, N, d, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    w = torch.randn(B, H, N, d, dtype=torch.float64)
+    ref = torch.autograd.grad((sparse_attention_masked(*qkv, mask, 0.5)[0] * w).sum(), qkv)
+    ours = torch.autograd.grad((fn(*qkv, idx, 0.5) * w).sum(), qkv)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b)

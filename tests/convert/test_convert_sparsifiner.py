@@ -14,7 +14,7 @@ def test_family_is_discovered():
     assert convert.get_converter("sparsifiner") is conv
 
 
-@pytest.mark.parametrize("impl", ["gather", "masked"])
+@pytest.mark.parametrize("impl", ["auto", "csr", "gather", "masked"])
 def test_parity_with_the_official_model(impl):
     fx = load_fixture(FIXTURE)
     model = convert.from_official("sparsifiner", fx["constructor"], fx["state_dict"])
@@ -22,7 +22,7 @@ def test_parity_with_the_official_model(impl):
     tol = fx["tolerance"]
     with torch.no_grad():
         out = model(fx["input"])
-        logits = model.backbone(fx["input"])  # plain forward: the gather path unless impl is masked
+        logits = model.backbone(fx["input"])  # plain forward: a sparse path unless impl is masked
     assert torch.allclose(out["x"], fx["output"], **tol) and torch.allclose(logits, fx["output"], **tol)
     assert torch.allclose(out["features"], fx["features"], **tol)
     for key in ("approx_attn", "basis_coef", "masked_attn"):
