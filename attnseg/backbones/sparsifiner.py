@@ -29,8 +29,9 @@ Faithfulness and additions:
 
 - Attention is computed on the kept keys only (``O(N * budget * d)`` per head): in inference by PyTorch's sparse
   CSR kernels (sampled dense-dense product for the logits, sparse-dense product with ``v``; ``attn_impl="csr"``),
-  with autograd by gathering each query's keys and values (``"gather"``); ``"auto"`` (default) picks csr without
-  gradient and the masked formulation with (the fastest to train, see below). The official code builds the dense ``N x N`` logits and masks them (``"masked"``, kept
+  with autograd by gathering each query's keys and values (``"gather"``); ``"auto"`` (default) picks csr in CPU
+  inference and the masked formulation with gradient (the fastest to train, see below) or on other devices (the
+  CSR path has not been run on a GPU yet). The official code builds the dense ``N x N`` logits and masks them (``"masked"``, kept
   as the reference); all agree to float rounding (tested). Candidly: at DeiT's N = 197 and keep 0.25 the pure-PyTorch
   sparse kernels do not beat dense GEMMs on CPU (one layer's attention core, batch 16, 6 heads, 2 threads: dense SDPA
   14 ms, SDPA with the boolean mask 19-22 ms, the official masked formulation 28-31 ms, csr 29-35 ms, gather
@@ -272,8 +273,10 @@ class SparseAttention(nn.Module):
         q, k, v = qkv.unbind(0)  # [B, heads, N, head_dim]
         aux = self.mask_predictor(q, k, grid, recon=recon)
         dropout = self.attn_drop.p > 0 and self.training
-        grad = torch.is_grad_enabled() and x.requires_grad
-        if recon or return_attn or dropout or impl == "masked" or (impl == "auto" and grad) or "indices" not in aux:
+        # auto: the CSR kernels in CPU inference; with gradient, or on devices where they were never tested, the
+        # masked formulation
+        dense_auto = impl == "auto" and ((torch.is_grad_enabled() and x.requires_grad) or x.device.type != "cpu")
+        if recon or return_attn or dropout or impl == "masked" or dense_auto or "indices" not in aux:
             if recon:  # attention reconstruction phase: dense attention, the mask unused
                 attn = unmasked = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
                 out = attn @ v
@@ -325,7 +328,7 @@ class Sparsifiner(nn.Module):
         attn_recon: in training, the official attention-reconstruction phase (signed basis, full coefficients, dense
             attention); no effect in eval.
         attn_impl: attention on the kept keys only by ``"csr"`` (sparse CSR kernels, no autograd) or ``"gather"``
-            (gathered keys and values, autograd), ``"auto"`` (csr without gradient, masked with), or ``"masked"``
+            (gathered keys and values, autograd), ``"auto"`` (csr in CPU inference, else masked), or ``"masked"``
             (dense logits masked, as the official code); same results to float rounding.
         drop_rate, attn_drop_rate, drop_path_rate: dropout, attention dropout, stochastic depth (linear).
         out_indices: simple-feature-pyramid levels (0..3: strides 4, 8, 16, 32) of :meth:`forward_pyramid`.

@@ -157,3 +157,17 @@ def test_sparse_attention_gradients_equal_the_masked_ones(fn):
     ours = torch.autograd.grad((fn(*qkv, idx, 0.5) * w).sum(), qkv)
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a, b)
+
+
+def test_grad_checkpointing_gives_the_same_outputs_and_gradients():
+    model = _randomize(BACKBONES.get("test_sparsifiner")(num_classes=3, pyramid=False)).train()
+    x = torch.randn(2, 3, 64, 80)
+    outs = []
+    for enable in (False, True):
+        model.set_grad_checkpointing(enable)
+        model.zero_grad()
+        y = model(x)
+        y.sum().backward()
+        outs.append((y.detach(), model.blocks[0].attn.qkv.weight.grad.clone()))
+    torch.testing.assert_close(outs[0][0], outs[1][0])
+    torch.testing.assert_close(outs[0][1], outs[1][1])
