@@ -10,7 +10,8 @@ from torch import nn
 
 from attnseg.errors import InputSizeError
 
-__all__ = ["check_image_input", "reset_norm_linear_head", "init_linear_layernorm", "token_pyramid", "cls_token_head"]
+__all__ = ["check_image_input", "reset_norm_linear_head", "init_linear_layernorm", "token_pyramid", "cls_token_head",
+           "check_isotropic_args"]
 
 
 def check_image_input(model: nn.Module, x: torch.Tensor) -> None:
@@ -69,3 +70,15 @@ def cls_token_head(model: nn.Module, x: torch.Tensor, pre_logits: bool = False) 
         raise RuntimeError(f"this {type(model).__name__} has no classifier (num_classes=0); use forward_pyramid")
     x = model.norm(x)[:, 0]
     return x if pre_logits else model.head(x)
+
+
+def check_isotropic_args(in_chans: int, num_classes: int, depth: int, patch_size: int, embed_dim: int, num_heads: int,
+                         img_size: int) -> None:
+    """``ValueError`` naming the argument unless a plain (ViT-style) backbone's sizes are consistent."""
+    if num_classes < 0 or in_chans < 1 or depth < 1 or patch_size < 1:
+        raise ValueError(f"need in_chans, depth, patch_size >= 1 and num_classes >= 0, got {in_chans=}, "
+                         f"{depth=}, {patch_size=}, {num_classes=}")
+    if num_heads < 1 or embed_dim % num_heads:
+        raise ValueError(f"embed_dim ({embed_dim}) is not divisible by num_heads ({num_heads})")
+    if img_size < patch_size:
+        raise ValueError(f"img_size ({img_size}) must be at least one patch ({patch_size})")

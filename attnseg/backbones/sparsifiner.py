@@ -66,6 +66,7 @@ from torch.utils.checkpoint import checkpoint
 
 from attnseg.backbones._common import (
     check_image_input,
+    check_isotropic_args,
     cls_token_head,
     init_linear_layernorm,
     reset_norm_linear_head,
@@ -234,9 +235,10 @@ def sparse_attention_csr(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indi
     offsets = (torch.arange(B * H, device=k.device) * N).view(B, H, 1, 1)
     cols = (indices.sort(dim=-1)[0] + offsets).reshape(-1)  # column of every kept pair, rows in order
     crow = torch.arange(0, rows * budget + 1, budget, device=k.device)
+    # zeros, not empty: sampled_addmm adds beta * values even at beta=0, and uninitialised memory may hold NaN
     with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state"
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        pattern = torch.sparse_csr_tensor(crow, cols, torch.empty(rows * budget, dtype=q.dtype, device=q.device),
+        pattern = torch.sparse_csr_tensor(crow, cols, torch.zeros(rows * budget, dtype=q.dtype, device=q.device),
                                           size=(rows, B * H * N), check_invariants=False)
     logits = torch.sparse.sampled_addmm(pattern, q[:, :, 1:].reshape(rows, d), k.reshape(B * H * N, d).T,
                                         beta=0.0, alpha=scale)
@@ -353,13 +355,7 @@ class Sparsifiner(nn.Module):
                  attn_impl: str = "auto", drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
                  drop_path_rate: float = 0.0, out_indices: Sequence[int] = (0, 1, 2, 3), pyramid: bool = True) -> None:
         super().__init__()
-        if num_classes < 0 or in_chans < 1 or depth < 1 or patch_size < 1:
-            raise ValueError(f"need in_chans, depth, patch_size >= 1 and num_classes >= 0, got {in_chans=}, "
-                             f"{depth=}, {patch_size=}, {num_classes=}")
-        if embed_dim % num_heads:
-            raise ValueError(f"embed_dim ({embed_dim}) is not divisible by num_heads ({num_heads})")
-        if img_size < patch_size:
-            raise ValueError(f"img_size ({img_size}) must be at least one patch ({patch_size})")
+        check_isotropic_args(in_chans, num_classes, depth, patch_size, embed_dim, num_heads, img_size)
         keep = [float(keep_rate)] * depth if isinstance(keep_rate, (int, float)) else [float(r) for r in keep_rate]
         if len(keep) != depth:
             raise ValueError(f"keep_rate needs one value or one per layer ({depth}), got {len(keep)}")
@@ -419,7 +415,7 @@ class Sparsifiner(nn.Module):
     # -- timm-style utilities -----------------------------------------------------------------------
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
         """Parameter-name rules grouping the embeddings and each block."""
-        return {"stem": r"^cls_token|pos_embed|patch_embed", "blocks": r"^blocks\.(\d+)"}
+        return {"stem": r"^(cls_token|pos_embed|patch_embed)", "blocks": r"^blocks\.(\d+)"}
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block's activations in the backward pass (same outputs, less memory)."""

@@ -131,6 +131,10 @@ def test_factories_and_parameter_count():
 
 
 def test_bad_arguments_and_inputs():
+    with pytest.raises(ValueError, match=r"embed_dim \(30\) is not divisible by num_heads \(4\)"):
+        Sparsifiner(img_size=64, embed_dim=30, depth=1, num_heads=4)
+    with pytest.raises(ValueError, match="must be at least one patch"):
+        Sparsifiner(img_size=8, embed_dim=16, depth=1, num_heads=2)
     with pytest.raises(ValueError, match="attn_impl must be one of"):
         Sparsifiner(img_size=32, embed_dim=16, depth=1, num_heads=2, attn_impl="flash")
     with pytest.raises(ValueError, match="coef_topk must be in 1..K=1"):
