@@ -27,15 +27,15 @@ Modes (the official ones, chosen by arguments rather than a mutated config):
 
 Faithfulness and additions:
 
-- Attention is computed on the kept keys only (``O(N * budget * d)`` per head): in inference by PyTorch's sparse
-  CSR kernels (sampled dense-dense product for the logits, sparse-dense product with ``v``; ``attn_impl="csr"``),
-  with autograd by gathering each query's keys and values (``"gather"``); ``"auto"`` (default) picks csr in CPU
-  inference and the masked formulation with gradient (the fastest to train, see below) or on other devices (the
-  CSR path has not been run on a GPU yet). The official code builds the dense ``N x N`` logits and masks them (``"masked"``, kept
-  as the reference); all agree to float rounding (tested). Candidly: at DeiT's N = 197 and keep 0.25 the pure-PyTorch
-  sparse kernels do not beat dense GEMMs on CPU (one layer's attention core, batch 16, 6 heads, 2 threads: dense SDPA
-  14 ms, SDPA with the boolean mask 19-22 ms, the official masked formulation 28-31 ms, csr 29-35 ms, gather
-  several times slower); the FLOPs saved are real, a wall-clock gain needs a fused kernel.
+- Attention is computed on the kept keys only (``O(N * budget * d)`` per head): in inference by PyTorch's sparse CSR
+  kernels (sampled dense-dense product for the logits, sparse-dense product with ``v``; ``attn_impl="csr"``), with
+  autograd by gathering each query's keys and values (``"gather"``); ``"auto"`` (default) picks csr in CPU inference
+  and the masked formulation with gradient (the fastest to train, see below) or on other devices (the CSR path has
+  not been run on a GPU yet). The official code builds the dense ``N x N`` logits and masks them (``"masked"``, kept
+  as the reference); all agree to float rounding (tested). Candidly: at DeiT's N = 197 and keep 0.25 the
+  pure-PyTorch sparse kernels do not beat dense GEMMs on CPU (one layer's attention core, batch 16, 6 heads, 2
+  threads: dense SDPA 14 ms, SDPA with the boolean mask 19-22 ms, the official masked formulation 28-31 ms, csr
+  29-35 ms, gather several times slower); the FLOPs saved are real, a wall-clock gain needs a fused kernel.
 - :meth:`Sparsifiner.forward_official` returns the official ``forward``'s dict (logits ``'x'``, ``'features'`` and
   the per-layer ``basis_coef``, ``approx_attn``, ``attn_mask``, ``masked_attn``, ``unmasked_attn`` lists);
   ``attn_mask`` is boolean here (the official one is a 0/1 float tensor).
