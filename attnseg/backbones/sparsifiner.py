@@ -72,7 +72,7 @@ from attnseg.backbones._common import (
     reset_norm_linear_head,
     token_pyramid,
 )
-from attnseg.layers import DropPath, Mlp, SimpleFeaturePyramid, drop_path_rates
+from attnseg.layers import DropPath, Mlp, SimpleFeaturePyramid, drop_path_rates, plain_feature_info
 from attnseg.layers.swin import PatchEmbed
 from attnseg.registry import BACKBONES
 
@@ -381,13 +381,8 @@ class Sparsifiner(nn.Module):
             for i in range(depth))
         self.grad_checkpointing = False
         self.pyramid = SimpleFeaturePyramid(embed_dim, out_indices) if pyramid else None
-        if pyramid:
-            self.out_indices = tuple(out_indices)
-            self.feature_info = [{"num_chs": c, "reduction": r, "module": f"pyramid.stages.{j}"} for j, (c, r) in
-                                 enumerate(zip(self.pyramid.channels, self.pyramid.reductions))]
-        else:
-            self.out_indices = (2,)
-            self.feature_info = [{"num_chs": embed_dim, "reduction": patch_size, "module": "blocks"}]
+        self.out_indices = tuple(out_indices) if pyramid else (2,)
+        self.feature_info = plain_feature_info(self.pyramid, embed_dim, patch_size, "blocks")
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6) if num_classes else None
         self.head = nn.Linear(embed_dim, num_classes) if num_classes else None
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
