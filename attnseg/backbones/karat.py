@@ -69,6 +69,7 @@ from torch.utils.checkpoint import checkpoint
 
 from attnseg.backbones._common import (
     check_image_input,
+    check_isotropic_args,
     cls_token_head,
     init_linear_layernorm,
     reset_norm_linear_head,
@@ -381,12 +382,8 @@ class KArAtViT(nn.Module):
                  dynamic_size: bool = True, row_chunk: int | None = None, out_indices: Sequence[int] = (0, 1, 2, 3),
                  pyramid: bool = True) -> None:
         super().__init__()
-        if num_classes < 0 or in_chans < 1 or depth < 1 or patch_size < 1:
-            raise ValueError(f"need in_chans, depth, patch_size >= 1 and num_classes >= 0, got {in_chans=}, "
-                             f"{depth=}, {patch_size=}, {num_classes=}")
-        if embed_dim % num_heads:
-            raise ValueError(f"embed_dim ({embed_dim}) is not divisible by num_heads ({num_heads})")
-        if img_size < patch_size or img_size % patch_size:
+        check_isotropic_args(in_chans, num_classes, depth, patch_size, embed_dim, num_heads, img_size)
+        if img_size % patch_size:
             raise ValueError(f"img_size ({img_size}) must be a positive multiple of patch_size ({patch_size}): the "
                              "operators are sized by its token count")
         if mode not in MODES:

@@ -48,7 +48,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from attnseg.backbones._common import check_image_input, init_linear_layernorm, reset_norm_linear_head
+from attnseg.backbones._common import (
+    check_image_input,
+    check_isotropic_args,
+    init_linear_layernorm,
+    reset_norm_linear_head,
+)
 from attnseg.layers import (
     DropPath,
     Mlp,
@@ -470,15 +475,9 @@ class NATIsotropic(nn.Module):
                  qk_scale: float | None = None, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
                  drop_path_rate: float = 0.1, out_indices: Sequence[int] = (0, 1, 2, 3), pyramid: bool = True) -> None:
         super().__init__()
-        if num_classes < 0 or in_chans < 1 or depth < 1 or patch_size < 1:
-            raise ValueError(f"need in_chans, depth, patch_size >= 1 and num_classes >= 0, got {in_chans=}, "
-                             f"{depth=}, {patch_size=}, {num_classes=}")
-        if embed_dim % num_heads:
-            raise ValueError(f"embed_dim ({embed_dim}) is not divisible by num_heads ({num_heads})")
+        check_isotropic_args(in_chans, num_classes, depth, patch_size, embed_dim, num_heads, img_size)
         if kernel_size is not None and kernel_size < 2:
             raise ValueError(f"kernel_size must be >= 2 or None (global attention), got {kernel_size}")
-        if img_size < patch_size:
-            raise ValueError(f"img_size ({img_size}) must be at least one patch ({patch_size})")
         dilation = dilation or 1
         self.in_chans, self.num_classes, self.num_features = in_chans, num_classes, embed_dim
         self.min_input_size = patch_size
