@@ -417,6 +417,9 @@ def _check_landmark_templates(cfg: ExperimentConfig, problems: list[str]) -> Non
     def describe(spec: Any) -> tuple[tuple[str, int], ...]:
         return tuple((o.name, o.num_points) for o in load_template(spec).organs)
 
+    def fmt(organs: tuple[tuple[str, int], ...]) -> str:
+        return f"{sum(n for _, n in organs)} points: " + ", ".join(f"{name} {n}" for name, n in organs)
+
     head_spec = _template_of(HEADS, cfg.model.head)
     try:
         head_organs = describe(head_spec) if head_spec is not None else None
@@ -433,9 +436,6 @@ def _check_landmark_templates(cfg: ExperimentConfig, problems: list[str]) -> Non
             problems.append(f"{section}.template: {e}")
             continue
         if organs != head_organs:
-            def fmt(o: tuple[tuple[str, int], ...]) -> str:
-                return f"{sum(n for _, n in o)} points: " + ", ".join(f"{name} {n}" for name, n in o)
-
             problems.append(f"{section}.template {spec!r} ({fmt(organs)}) differs from model.head.template "
                             f"{head_spec!r} ({fmt(head_organs)}); the head decodes the landmarks its dataset gives")
 
@@ -575,7 +575,9 @@ def validate_config(data: dict[str, Any], source: str | None = None) -> Experime
         problems.append("model.head: required key is missing (a segmentation task needs a head)")
     loss_cls = _registered_class(LOSSES, data.get("loss"))
     if cfg is not None and cfg.task == "segmentation" and head_cls is not None and loss_cls is not None:
-        kind = str(getattr(head_cls, "output_kind", "logits"))
+        from attnseg.heads._common import head_output_kind  # here: the heads import the config's registries
+
+        kind = head_output_kind(head_cls)
         accepts = tuple(getattr(loss_cls, "accepts", ("logits",)))
         if kind not in accepts:
             hint = f"; use loss.name: {default_loss} (the head's own loss)" if default_loss else ""

@@ -70,7 +70,7 @@ def test_connectivity_mask_is_the_vote_and_tta_averages_its_probabilities(connec
         # the head's probabilities (its vote) of a flipped image, flipped back, equal those of the flipped-back
         # direction channels: what lets TTA average probabilities
         probs = model.class_probabilities
-        torch.testing.assert_close(probs(model(x.flip(3))).flip(3), probs(model.flip_output(model(x.flip(3)), 3)))
+        torch.testing.assert_close(probs(model(x.flip(3))).flip(3), probs(model.head.flip_output(model(x.flip(3)), 3)))
     assert infer.main(["--config", str(cfg), "--checkpoint", str(ckpt), str(tmp_path / "odd.png"),
                        "--out", str(tmp_path / "tta"), "--tta", "--no-progress"]) == 0
     tta_mask = np.array(Image.open(tmp_path / "tta" / "odd_mask.png"))

@@ -246,13 +246,14 @@ def _infer_images(args: argparse.Namespace, cfg: Any, model: torch.nn.Module, fi
     from tqdm import tqdm
 
     from attnseg.datasets.io import convert_channels, read_image
+    from attnseg.datasets.rasterize import landmarks_to_label_map
     from attnseg.datasets.transforms import build_transform
     from attnseg.engine.inference import blends_probabilities, flip_tta, predict_logits, probability_predictor
-    from attnseg.heads._common import label_map_of_probabilities
+    from attnseg.heads._common import head_output_kind, label_map_of_probabilities
 
     overlap = 0.25 if args.overlap is None else args.overlap
     head = getattr(model, "head", model)
-    landmarks = getattr(head, "output_kind", "logits") == "landmarks"
+    landmarks = head_output_kind(head) == "landmarks"
     if landmarks and args.tta:
         raise ConfigError("--tta flips the image, which would swap the left and right organs of a landmark model; "
                           "run without --tta")
@@ -282,11 +283,8 @@ def _infer_images(args: argparse.Namespace, cfg: Any, model: torch.nn.Module, fi
             return predict_logits(net, t, roi_size=roi, overlap=overlap)
 
         with torch.inference_mode():
-            unflip = None if blend else getattr(model, "flip_output", None)
-            output = flip_tta(predict, x, unflip) if args.tta else predict(x)
+            output = flip_tta(predict, x) if args.tta else predict(x)
             if fixed is not None:  # rasterize the contours at the image's own size
-                from attnseg.datasets.rasterize import landmarks_to_label_map
-
                 labels = landmarks_to_label_map(output["landmarks"], head.template, image.shape[:2])
             elif blend:
                 labels = label_map_of_probabilities(output)

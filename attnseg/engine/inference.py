@@ -45,18 +45,13 @@ def predict_logits(
     )
 
 
-def flip_tta(predict: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor,
-             unflip: Callable[[torch.Tensor, int], torch.Tensor] | None = None) -> torch.Tensor:
-    """Mean of softmax-free logits over the identity and each single-axis spatial flip.
-
-    ``unflip(output, axis)`` maps the output of a flipped image back (default: flip ``axis`` again); a
-    connectivity model also swaps the channels of mirrored directions (its ``flip_output``).
-    """
-    unflip = unflip or (lambda out, ax: out.flip(ax))
+def flip_tta(predict: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor) -> torch.Tensor:
+    """Mean of ``predict``'s outputs (softmax-free logits, or the class probabilities of
+    :func:`probability_predictor`) over the identity and each single-axis spatial flip, flipped back."""
     axes = range(2, image.ndim)
     out = predict(image)
     for ax in axes:
-        out = out + unflip(predict(image.flip(ax)), ax)
+        out = out + predict(image.flip(ax)).flip(ax)
     return out / (1 + len(axes))
 
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from attnseg.engine.inference import blends_probabilities, flip_tta, predict_logits, probability_predictor
-from attnseg.heads._common import class_probabilities
+from attnseg.heads._common import class_probabilities, label_map_of_probabilities
 
 __all__ = ["VolumeInput", "VolumePrediction", "VolumePredictor", "as_closest_ras", "case_name", "read_volume",
            "resample_to_grid", "save_like"]
@@ -255,8 +255,7 @@ class VolumePredictor:
                                   sw_batch_size=self.sw_batch_size, progress=self.progress)
 
         image = image.to(self.device)
-        unflip = getattr(self.model, "flip_output", None) if not probabilities else None
-        return (flip_tta(run, image, unflip) if self.tta else run(image)).float().cpu()
+        return (flip_tta(run, image) if self.tta else run(image)).float().cpu()
 
     def __call__(self, volume: VolumeInput, *, probabilities: bool = False) -> VolumePrediction:
         """Labels (and optionally class probabilities) of ``volume`` on its own grid."""
@@ -272,8 +271,8 @@ class VolumePredictor:
         fill = [0.0] if single else [1.0] + [0.0] * (probs.shape[0] - 1)
         src_shape = volume.image.shape[1:]
 
-        def to_labels(p: torch.Tensor) -> torch.Tensor:
-            return (p[0] > 0.5).to(torch.int64) if single else p.argmax(0)
+        def to_labels(p: torch.Tensor) -> torch.Tensor:  # [K, ...] -> [...]
+            return label_map_of_probabilities(p[None])[0]
 
         if probabilities:
             on_source = resample_to_grid(probs, processed_affine, volume.affine, src_shape, fill=fill)

@@ -4,7 +4,8 @@ rules from logits to label maps and class probabilities.
 A head's ``forward`` returns logits ``[B, C, *S]`` or, for heads with auxiliary outputs, a dict (``HeadOutput``);
 such a head declares ``output_kind`` (``"msga"``, ``"connectivity"``, ``"landmarks"``; plain heads ``"logits"``)
 and ``default_loss``, and implements ``crop_output``, ``postprocess`` and ``class_probabilities``: see
-:class:`~attnseg.models.Segmentor`.
+:class:`~attnseg.models.Segmentor`. Inference averages the windows and flips of a head with its own
+``class_probabilities`` as probabilities (:func:`attnseg.engine.inference.blends_probabilities`).
 """
 
 from __future__ import annotations

@@ -180,12 +180,6 @@ class Segmentor(nn.Module):
         probs = getattr(self.head, "class_probabilities", None)
         return probs(output) if callable(probs) else class_probabilities(output)
 
-    def flip_output(self, output: torch.Tensor, axis: int) -> torch.Tensor:
-        """The output of a flipped input mapped back to the unflipped frame (test-time augmentation): a spatial
-        flip of ``axis``, plus whatever the head's channels need (connectivity channels swap directions)."""
-        flip = getattr(self.head, "flip_output", None)
-        return flip(output, axis) if callable(flip) else output.flip(axis)
-
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """``postprocess(forward(x))`` without gradients."""

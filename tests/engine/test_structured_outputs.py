@@ -1,12 +1,12 @@
 """The contract for heads with a structured output: Segmentor cropping, loss/head pairing in config validation,
-the head's default loss, the task's loss target, probabilities and test-time flips through the head."""
+the head's default loss, the task's loss target, and flips averaged as the head's class probabilities."""
 
 import pytest
 import torch
 from torch import nn
 
 from attnseg.config import validate_config
-from attnseg.engine.inference import flip_tta
+from attnseg.engine.inference import blends_probabilities, flip_tta, probability_predictor
 from attnseg.errors import ConfigError
 from attnseg.models import Segmentor
 from attnseg.registry import BACKBONES, HEADS, LOSSES
@@ -35,9 +35,6 @@ class PairHead(nn.Module):
 
     def class_probabilities(self, logits):
         return torch.softmax(2 * logits, dim=1)
-
-    def flip_output(self, output, axis):
-        return output.flip(axis).roll(1, dims=1)  # a channel permutation, as connectivity heads need
 
 
 class PairLoss(nn.Module):
@@ -83,11 +80,13 @@ def test_segmentor_crops_a_structured_output_through_the_head(pair_head):
     assert logits.shape == (1, 3, 45, 70)
     torch.testing.assert_close(model.class_probabilities(logits), torch.softmax(2 * logits, 1))
     x = torch.randn(1, 3, 45, 70)
-    # flip TTA maps each flipped prediction back through the head's rule, not a plain flip
+    # a head with its own probability rule has its flips averaged as those probabilities, not as logits
+    assert blends_probabilities(model)
     with torch.no_grad():
-        tta = flip_tta(model, x, model.flip_output)
-        expected = (model(x) + model(x.flip(2)).flip(2).roll(1, 1) + model(x.flip(3)).flip(3).roll(1, 1)) / 3
-    torch.testing.assert_close(tta, expected)
+        tta = flip_tta(probability_predictor(model), x)
+        probs = [torch.softmax(2 * model(x), 1), torch.softmax(2 * model(x.flip(2)), 1).flip(2),
+                 torch.softmax(2 * model(x.flip(3)), 1).flip(3)]
+    torch.testing.assert_close(tta, sum(probs) / 3)
 
 
 def test_the_heads_default_loss_is_used_when_no_loss_is_given(pair_head, tmp_path):
