@@ -31,7 +31,13 @@ submodule, e.g. the backbone of a Segmentor):
 - ``head_key_prefixes``: prefixes of checkpoint keys that belong to a classification head; dropped and
   reported when the module has no such keys (built with ``num_classes=0``);
 - ``input_conv_keys``: first-conv weights that may come from a model with another number of input channels;
-  a weight that differs only there is adapted (:func:`adapt_input_conv`) and reported in ``report.adapted``.
+  a weight that differs only there is adapted (:func:`adapt_input_conv`) and reported in ``report.adapted``;
+- ``adapt_pretrained(key, value, target_shape) -> Tensor | None``: a method that makes a checkpoint tensor of
+  another shape fit (``key`` relative to the module; e.g. ViT-style backbones resample ``pos_embed`` and other
+  per-token tables to their own patch grid, the rule they apply at run time to other input sizes). It is asked,
+  deepest module first, about every key whose shape differs and that the rules above do not cover; a tensor of
+  ``target_shape`` is loaded and reported in ``report.adapted``, None leaves the key a mismatch, and a
+  ``ValueError`` is a mismatch whose reason the error message gives.
 """
 
 from __future__ import annotations
@@ -69,7 +75,8 @@ class LoadReport:
         initialized: model keys that published checkpoints lack by design (``new_key_prefixes``).
         ignored: checkpoint keys set aside with a wrapper prefix (e.g. a decoder's keys when a Segmentor
             checkpoint is loaded into a bare backbone).
-        adapted: first-conv weights adapted to the model's input channels (``input_conv_keys``).
+        adapted: first-conv weights adapted to the model's input channels (``input_conv_keys``) and tensors adapted
+            by a module's ``adapt_pretrained`` (``"key: [old shape] -> [new shape] (by Class)"``).
         converted: the converter family applied, if any.
     """
 
@@ -307,6 +314,8 @@ def load_pretrained(
     new_prefixes = _declared(model, "new_key_prefixes")
     head_prefixes = _declared(model, "head_key_prefixes")
     input_convs = set(_declared(model, "input_conv_keys"))
+    adapters = _adapters(model)
+    reasons: dict[str, str] = {}
     loadable: dict[str, torch.Tensor] = {}
     for key, value in sd.items():
         if key not in model_sd:
@@ -321,7 +330,12 @@ def load_pretrained(
                 loadable[key] = adapt_input_conv(value, model_sd[key].shape[1])
                 report.adapted.append(f"{key}: {value.shape[1]} -> {model_sd[key].shape[1]} input channels")
             else:
-                report.mismatched.append((key, tuple(value.shape), tuple(model_sd[key].shape)))
+                adapted = _adapt(adapters, key, value, model_sd[key].shape, reasons)
+                if adapted is None:
+                    report.mismatched.append((key, tuple(value.shape), tuple(model_sd[key].shape)))
+                else:
+                    loadable[key], by = adapted
+                    report.adapted.append(f"{key}: {list(value.shape)} -> {list(model_sd[key].shape)} (by {by})")
         else:
             loadable[key] = value
     for key in model_sd:
@@ -335,7 +349,8 @@ def load_pretrained(
         details = []
         if report.mismatched:
             details.append("shape mismatches (key: checkpoint vs model): "
-                           + _abbrev([f"{k}: {list(a)} vs {list(b)}" for k, a, b in report.mismatched]))
+                           + _abbrev([f"{k}: {list(a)} vs {list(b)}" + (f" ({reasons[k]})" if k in reasons else "")
+                                      for k, a, b in report.mismatched]))
         if foreign:
             details.append(f"only {found} of the {len(expected)} expected keys are in the checkpoint; "
                            f"missing: {_abbrev(report.missing)}; unexpected: {_abbrev(report.unexpected)}")
@@ -346,6 +361,34 @@ def load_pretrained(
         raise CheckpointError(f"{path} does not match {type(model).__name__}: {report}")
     model.load_state_dict(loadable, strict=False)
     return report
+
+
+def _adapters(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(key prefix, module)`` of the modules with an ``adapt_pretrained`` method, deepest first."""
+    found = [(f"{name}." if name else "", m) for name, m in model.named_modules()
+             if callable(getattr(m, "adapt_pretrained", None))]
+    return sorted(found, key=lambda item: -len(item[0]))
+
+
+def _adapt(adapters: list[tuple[str, nn.Module]], key: str, value: torch.Tensor, shape: torch.Size,
+           reasons: dict[str, str]) -> tuple[torch.Tensor, str] | None:
+    """``(value made to fit shape, adapter class name)`` by the deepest module owning ``key`` that adapts it, or None
+    (a ``ValueError``'s message is kept in ``reasons[key]``)."""
+    for prefix, module in adapters:
+        if not key.startswith(prefix):
+            continue
+        try:
+            out = module.adapt_pretrained(key[len(prefix):], value, tuple(shape))
+        except ValueError as e:
+            reasons[key] = str(e)
+            return None
+        if out is None:
+            continue
+        if tuple(out.shape) != tuple(shape):
+            raise RuntimeError(f"{type(module).__name__}.adapt_pretrained returned {list(out.shape)} for {key}, "
+                               f"expected {list(shape)}")
+        return out.to(value.dtype), type(module).__name__
+    return None
 
 
 def _only_in_channels_differ(ckpt_shape: torch.Size, model_shape: torch.Size) -> bool:

@@ -1,8 +1,9 @@
 """What the 2D backbone families share: the input check of ``forward_*``, the norm + linear classifier reset, and the
-cls-token head and token-map pyramid of the plain (ViT-style) backbones."""
+cls-token head, token-map pyramid and pretrained-embedding resampling of the plain (ViT-style) backbones."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -11,7 +12,7 @@ from torch import nn
 from attnseg.errors import InputSizeError
 
 __all__ = ["check_image_input", "reset_norm_linear_head", "init_linear_layernorm", "token_pyramid", "cls_token_head",
-           "check_isotropic_args"]
+           "check_isotropic_args", "square_token_grid", "adapt_vit_embedding"]
 
 
 def check_image_input(model: nn.Module, x: torch.Tensor) -> None:
@@ -82,3 +83,52 @@ def check_isotropic_args(in_chans: int, num_classes: int, depth: int, patch_size
         raise ValueError(f"embed_dim ({embed_dim}) is not divisible by num_heads ({num_heads})")
     if img_size < patch_size:
         raise ValueError(f"img_size ({img_size}) must be at least one patch ({patch_size})")
+
+
+def square_token_grid(num_tokens: int, num_prefix_tokens: int, what: str) -> tuple[int, int]:
+    """The square patch grid ``(g, g)`` of a per-token table with ``num_tokens`` rows (``num_prefix_tokens`` first).
+
+    Checkpoints of the plain backbones are built for square inputs, so a table's grid is read from its length.
+
+    Raises:
+        ValueError: ``num_tokens - num_prefix_tokens`` is not a positive square (``what`` names the table).
+    """
+    side = math.isqrt(max(num_tokens - num_prefix_tokens, 0))
+    if side < 1 or side * side != num_tokens - num_prefix_tokens:
+        raise ValueError(f"{what} has {num_tokens} tokens, not {num_prefix_tokens} + a square grid of patches")
+    return side, side
+
+
+def adapt_vit_embedding(key: str, value: torch.Tensor, target_shape: Sequence[int],
+                        num_prefix_tokens: int = 1) -> torch.Tensor | None:
+    """A ViT checkpoint's ``pos_embed`` or ``patch_embed.proj.weight`` made to fit a model of another patch grid or
+    patch size (the embedding part of a plain backbone's ``adapt_pretrained``); None for any other key or shape.
+
+    - ``pos_embed [1, P + g*g, C] -> [1, P + h*w, C]``: the patch rows resampled by timm's ``resample_abs_pos_embed``
+      (bicubic, antialiased; the ``P`` prefix rows kept), what the plain backbones do at run time for other inputs.
+    - ``patch_embed.proj.weight [C, c, p, p] -> [C, c', q, q]``: another patch size by timm's
+      ``resample_patch_embed`` (FlexiViT's pseudo-inverse resize: a ``p``-patch resized bicubically to ``q`` gives
+      under the new weight the token it gave under the old one; exact for ``q >= p``, a least-squares fit for
+      ``q < p``, where a smaller patch cannot carry all a larger one held), then another input-channel count by
+      :func:`attnseg.checkpoint.adapt_input_conv`.
+
+    Raises:
+        ValueError: a ``pos_embed`` whose length is not a square grid.
+    """
+    target = tuple(target_shape)
+    if key == "pos_embed" and value.ndim == 3 and len(target) == 3 and value.shape[0] == target[0] == 1 \
+            and value.shape[2] == target[2]:
+        from timm.layers import resample_abs_pos_embed
+
+        old = square_token_grid(value.shape[1], num_prefix_tokens, f"checkpoint {key} {list(value.shape)}")
+        new = square_token_grid(target[1], num_prefix_tokens, f"model {key} {list(target)}")
+        return resample_abs_pos_embed(value, list(new), list(old), num_prefix_tokens=num_prefix_tokens)
+    if key == "patch_embed.proj.weight" and value.ndim == 4 and len(target) == 4 and value.shape[0] == target[0] \
+            and value.shape[2] == value.shape[3] and target[2] == target[3]:
+        from timm.layers import resample_patch_embed
+
+        from attnseg.checkpoint import adapt_input_conv  # here: attnseg.checkpoint is above the backbones
+
+        out = resample_patch_embed(value, list(target[2:])) if value.shape[2:] != target[2:] else value
+        return adapt_input_conv(out, target[1]) if out.shape[1] != target[1] else out
+    return None

@@ -68,11 +68,13 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from attnseg.backbones._common import (
+    adapt_vit_embedding,
     check_image_input,
     check_isotropic_args,
     cls_token_head,
     init_linear_layernorm,
     reset_norm_linear_head,
+    square_token_grid,
     token_pyramid,
 )
 from attnseg.errors import InputSizeError
@@ -436,6 +438,27 @@ class KArAtViT(nn.Module):
     def reset_classifier(self, num_classes: int) -> None:
         """A new linear classifier (``num_classes > 0``, the final norm kept or created) or none at all (``0``)."""
         reset_norm_linear_head(self, num_classes, _LayerNorm)
+
+    def adapt_pretrained(self, key: str, value: torch.Tensor, target_shape: Sequence[int]) -> torch.Tensor | None:
+        """A checkpoint tensor of another token grid, patch size or input-channel count made to fit this model;
+        :func:`attnseg.load_pretrained` calls it for keys whose shape differs. None for keys it does not adapt.
+
+        ``pos_embed`` and ``patch_embed.proj.weight`` by :func:`~attnseg.backbones._common.adapt_vit_embedding`; an
+        operator's ``coefficients [heads, 1 + g*g, nf, r]`` and ``weight [heads, 1 + g*g, r]`` (blockwise
+        ``blocks.{i}.attn.operator.*`` or universal ``shared_operator.*``) resized over the patch grid by
+        :func:`resize_token_grid` with the token-mass scale, the rule the operators apply at run time to other
+        inputs. So a model built at ``img_size`` X and loaded from a checkpoint of size Y computes, on X inputs, what
+        the size-Y model computes on them. Only the token axis is adapted (another rank, order or head count is not).
+        """
+        if key.endswith((".coefficients", ".weight")) and key.rsplit(".", 1)[0].endswith("operator"):
+            op = self.get_submodule(key.rsplit(".", 1)[0])
+            target = tuple(target_shape)
+            if not isinstance(op, KArAtOperator) or value.ndim != len(target) or value.ndim < 3 or \
+                    value.shape[:1] + value.shape[2:] != target[:1] + target[2:]:
+                return None
+            old = square_token_grid(value.shape[1], op.num_prefix_tokens, f"checkpoint {key} {list(value.shape)}")
+            return resize_token_grid(value, old, op.grid_size, op.num_prefix_tokens, dim=1, scale_mass=True)
+        return adapt_vit_embedding(key, value, target_shape, self.num_prefix_tokens)
 
     def _tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         check_image_input(self, x)

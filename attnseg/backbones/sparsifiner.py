@@ -45,7 +45,8 @@ Faithfulness and additions:
   dynamic-size ViT) and of ``proj_n``/``proj_back_n`` (bilinear; ``proj_n`` also scaled by ``old/new`` patch
   count so that its token sum keeps its size) are resampled, the cls row kept. The budget becomes
   ``ceil(keep_rate * N_new)``. At ``img_size`` this is the official model exactly; elsewhere it is an attnseg
-  extension without published evidence of accuracy.
+  extension without published evidence of accuracy. :func:`attnseg.load_pretrained` applies the same resampling to
+  a checkpoint of another size (:meth:`Sparsifiner.adapt_pretrained`), e.g. DeiT's 224 weights into a 384 model.
 - Token pruning (the official DynamicViT-style option, off in every released config) is not implemented.
 - :meth:`Sparsifiner.forward_pyramid` gives strides 4/8/16/32 from the last stride-16 token map through ViTDet's
   simple feature pyramid (``pyramid.*``, new parameters; the official code is classification-only).
@@ -54,6 +55,7 @@ Faithfulness and additions:
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -65,11 +67,13 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from attnseg.backbones._common import (
+    adapt_vit_embedding,
     check_image_input,
     check_isotropic_args,
     cls_token_head,
     init_linear_layernorm,
     reset_norm_linear_head,
+    square_token_grid,
     token_pyramid,
 )
 from attnseg.layers import DropPath, Mlp, SimpleFeaturePyramid, drop_path_rates, plain_feature_info
@@ -419,6 +423,42 @@ class Sparsifiner(nn.Module):
     def no_weight_decay(self) -> set[str]:
         """Parameters without weight decay (the official ``{'pos_embed', 'cls_token'}``)."""
         return {"pos_embed", "cls_token"}
+
+    def adapt_pretrained(self, key: str, value: torch.Tensor, target_shape: Sequence[int]) -> torch.Tensor | None:
+        """A checkpoint tensor of another token grid, patch size or input-channel count made to fit this model;
+        :func:`attnseg.load_pretrained` calls it for keys whose shape differs. None for keys it does not adapt.
+
+        - ``pos_embed``, ``patch_embed.proj.weight``: :func:`~attnseg.backbones._common.adapt_vit_embedding`.
+        - ``blocks.{i}.attn.mask_predictor.proj_n`` / ``proj_back_n`` ``[1 + g*g, K] -> [1 + h*w, K]``: resampled over
+          the patch grid by :func:`resample_token_table` exactly as :meth:`ConnectivityPredictor.forward` does for
+          another input size (``proj_n`` with the token-sum scale). So a model built at ``img_size`` X and loaded from
+          a checkpoint of size Y computes, on X inputs, what the size-Y model computes on them.
+
+        Raises:
+            ValueError: a predictor table of another rank ``K``: ``K = N // reduce_n_factor`` depends on the token
+                count and a row resampling cannot change it; the message names the ``reduce_n_factor`` values that
+                give this model the checkpoint's ``K``. Also for tables shared by ``share_inout_proj`` (the run-time
+                rule scales the one table two ways, which no single stored table reproduces).
+        """
+        m = re.fullmatch(r"blocks\.(\d+)\.attn\.mask_predictor\.(proj_n|proj_back_n)", key)
+        if m is None:
+            return adapt_vit_embedding(key, value, target_shape, num_prefix_tokens=1)
+        predictor = self.blocks[int(m.group(1))].attn.mask_predictor
+        n, k = tuple(target_shape)
+        if value.ndim != 2:
+            return None
+        if predictor.proj_back_n is predictor.proj_n:
+            raise ValueError(f"{key}: tables shared by share_inout_proj=True are not resampled (proj_n and "
+                             "proj_back_n use one table at two scales at run time); build the model at the "
+                             "checkpoint's img_size")
+        if value.shape[1] != k:
+            lo, hi = n // (value.shape[1] + 1) + 1, n // value.shape[1]
+            fix = (f"reduce_n_factor={lo}" if lo == hi else f"reduce_n_factor in {lo}..{hi}") if lo <= hi else \
+                "no reduce_n_factor does; build the model at the checkpoint's img_size"
+            raise ValueError(f"{key}: the checkpoint's predictor rank K={value.shape[1]} differs from this model's "
+                             f"K={k} (K = N // reduce_n_factor with N={n} tokens here); {fix} keeps K={value.shape[1]}")
+        old = square_token_grid(value.shape[0], 1, f"checkpoint {key} {list(value.shape)}")
+        return resample_token_table(value, old, predictor.grid, scale_sum=m.group(2) == "proj_n")
 
     def predictor_parameters(self) -> list[nn.Parameter]:
         """The connectivity predictors' parameters (the official mask-predictor optimizer's set)."""
