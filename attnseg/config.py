@@ -318,6 +318,30 @@ class ClassificationConfig(Strict):
     mix_prob: float = Field(1.0, ge=0, le=1, description="probability a batch is mixed")
 
 
+class TeacherConfig(Component):
+    pretrained: str | None = Field(None, description="checkpoint of the teacher (required: a random teacher teaches "
+                                                     "nothing)")
+
+
+class DistillationConfig(Strict):
+    """The official Sparsifiner training phases (lim142857/Sparsifiner ``src/main.py``, ``src/losses.py``); see
+    :mod:`attnseg.engine.distill`."""
+
+    phase: Literal["predictor", "backbone"] = Field(
+        description="predictor: only the connectivity predictors train, against the teacher's attention (official "
+                    "'attn_recon'; sets model.backbone.attn_recon: true); backbone: everything but the predictors "
+                    "trains with cross-entropy plus logit and token distillation (official 'cls_distill')")
+    teacher: TeacherConfig = Field(description="frozen teacher: a registered backbone with forward_official, built "
+                                               "with model.num_classes and model.in_chans (for Sparsifiner students: "
+                                               "the same factory with keep_rate: 1.0, i.e. dense DeiT)")
+    attention_weight: float = Field(0.01, ge=0, description="phase predictor: weight of the attention "
+                                                             "reconstruction loss (sum of squares, mean over layers)")
+    logit_weight: float = Field(0.5, ge=0, description="phase backbone: weight of the KL divergence of the "
+                                                       "teacher's class probabilities from the student's")
+    token_weight: float = Field(0.5, ge=0, description="phase backbone: weight of the MSE between final-norm patch "
+                                                       "tokens")
+
+
 class EvaluationConfig(Strict):
     hd95: bool = Field(True, description="compute HD95 at test time (in mm where samples carry a spacing)")
     surface_dice: bool = Field(True, description="compute the surface Dice (NSD) at test time")
@@ -345,6 +369,8 @@ class ExperimentConfig(Strict):
     trainer: TrainerConfig = TrainerConfig()
     classification: ClassificationConfig = ClassificationConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
+    distillation: DistillationConfig | None = Field(None, description="train in one of Sparsifiner's two "
+                                                                      "distillation phases (classification only)")
 
     @property
     def source(self) -> str | None:
@@ -362,6 +388,8 @@ _RESERVED: dict[str, dict[str, str]] = {
     "data.dataset": {"split": "(set per split)", "transform": "data.augment / data.normalize"},
     "data.val_dataset": {"split": "(set per split)", "transform": "data.augment / data.normalize"},
     "loss": {"num_classes": "model.num_classes", "ignore_index": "the dataset's ignore_index"},
+    "distillation.teacher": {"num_classes": "model.num_classes (the teacher is built with the student's)",
+                             "in_chans": "model.in_chans"},
 }
 
 
@@ -446,6 +474,74 @@ def _registered_class(registry: Registry, raw: Any) -> type | None:
         return None
     factory = registry.get(raw["name"])
     return factory if isinstance(factory, type) else registry.owner_class(raw["name"])
+
+
+def _check_distillation(data: dict[str, Any], problems: list[str]) -> None:
+    """The ``distillation`` section against the task, the student and the teacher (on the raw mapping, so that its
+    problems are listed even when the schema fails elsewhere)."""
+    dist = data.get("distillation")
+    if not isinstance(dist, dict):
+        return
+    task = data.get("task", "segmentation")
+    if task != "classification":
+        problems.append(f"distillation: the distillation phases train classifiers; set task: classification (got "
+                        f"task: {task})")
+    phase = dist.get("phase")
+    raw_model = data.get("model") if isinstance(data.get("model"), dict) else {}
+    student = raw_model.get("backbone")
+    student_cls = _registered_class(BACKBONES, student)
+    if student_cls is not None:
+        name = student["name"]
+        if not hasattr(student_cls, "forward_official"):
+            problems.append(f"model.backbone.name: distillation needs a student with forward_official (attention "
+                            f"maps and final-norm tokens, as the Sparsifiner backbones give); '{name}' has none")
+        elif phase == "predictor" and not hasattr(student_cls, "predictor_parameters"):
+            problems.append(f"model.backbone.name: phase predictor trains the student's predictor_parameters(); "
+                            f"'{name}' has none")
+    if isinstance(student, dict):
+        recon = student.get("attn_recon")
+        if phase == "backbone" and recon is True:
+            problems.append("model.backbone.attn_recon: phase backbone trains with the sparse mask; remove "
+                            "attn_recon (the predictor phase's dense mode)")
+        if phase == "predictor" and recon is False:
+            problems.append("model.backbone.attn_recon: phase predictor fits the predictors in attention-"
+                            "reconstruction mode; remove attn_recon: false (the phase sets it to true)")
+        if student.get("freeze") is True:
+            problems.append("model.backbone.freeze: a distillation phase chooses what trains itself; remove freeze")
+    teacher = dist.get("teacher")
+    teacher_cls = _registered_class(BACKBONES, teacher)
+    if teacher_cls is None:
+        return  # a missing or unregistered teacher is reported by the schema and the registry checks
+    name = teacher["name"]
+    if not hasattr(teacher_cls, "forward_official"):
+        problems.append(f"distillation.teacher.name: the teacher must give its attention maps, logits and final-norm "
+                        f"tokens through forward_official; '{name}' has none (use a Sparsifiner factory with "
+                        f"keep_rate: 1.0, which is dense DeiT)")
+    param = BACKBONES.parameters(name).get("keep_rate")
+    if param is not None:
+        keep = teacher.get("keep_rate", param.default)
+        rates = keep if isinstance(keep, list) else [keep]
+        if any(r != 1.0 for r in rates):
+            where = "" if "keep_rate" in teacher else " (the factory's default)"
+            problems.append(f"distillation.teacher.keep_rate: the teacher attends densely in the official recipe; set "
+                            f"keep_rate: 1.0 (got {keep!r}{where})")
+    if not teacher.get("pretrained"):
+        problems.append("distillation.teacher.pretrained: required (a frozen randomly initialised teacher teaches "
+                        "nothing); e.g. the DeiT weights the student starts from")
+
+
+def _with_distillation_defaults(data: dict[str, Any]) -> dict[str, Any]:
+    """Phase predictor runs the student in attention-reconstruction mode: ``model.backbone.attn_recon: true`` is
+    filled in when the student accepts it and the config leaves it unset."""
+    dist, model = data.get("distillation"), data.get("model")
+    if not (isinstance(dist, dict) and dist.get("phase") == "predictor" and isinstance(model, dict)):
+        return data
+    backbone = model.get("backbone")
+    if not (isinstance(backbone, dict) and isinstance(backbone.get("name"), str) and backbone["name"] in BACKBONES):
+        return data
+    if "attn_recon" in backbone or "attn_recon" not in BACKBONES.parameters(backbone["name"]):
+        return data
+    return {**data, "model": {**model, "backbone": {**backbone, "attn_recon": True}}}
 
 
 def _type_hints(registry: Registry, name: str) -> dict[str, Any]:
@@ -551,6 +647,8 @@ def validate_config(data: dict[str, Any], source: str | None = None) -> Experime
     default_loss = getattr(head_cls, "default_loss", None)
     if "loss" not in data and default_loss:
         data = {**data, "loss": {"name": default_loss}}  # a head with its own output takes its own loss by default
+    _check_distillation(data, problems)
+    data = _with_distillation_defaults(data)
     try:
         cfg = ExperimentConfig.model_validate(data)
     except ValidationError as e:
@@ -558,12 +656,14 @@ def validate_config(data: dict[str, Any], source: str | None = None) -> Experime
     # Registry checks run even when the schema failed elsewhere, so one message lists everything.
     raw_model = data.get("model") if isinstance(data.get("model"), dict) else {}
     raw_data = data.get("data") if isinstance(data.get("data"), dict) else {}
+    raw_dist = data.get("distillation") if isinstance(data.get("distillation"), dict) else {}
     for registry, section, schema, raw in (
         (BACKBONES, "model.backbone", BackboneConfig, raw_model.get("backbone")),
         (HEADS, "model.head", HeadConfig, raw_model.get("head")),
         (DATASETS, "data.dataset", DatasetConfig, raw_data.get("dataset")),
         (DATASETS, "data.val_dataset", DatasetConfig, raw_data.get("val_dataset")),
         (LOSSES, "loss", LossConfig, data.get("loss", {"name": LossConfig().name})),
+        (BACKBONES, "distillation.teacher", TeacherConfig, raw_dist.get("teacher")),
     ):
         if isinstance(raw, dict) and isinstance(raw.get("name"), str):
             try:

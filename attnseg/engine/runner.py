@@ -120,6 +120,11 @@ def build_task(cfg: ExperimentConfig, dataset: Any | None = None) -> pl.Lightnin
     model = build_model(cfg)
     config = cfg.model_dump(mode="json")
     class_names = getattr(dataset, "class_names", None)
+    if cfg.task == "classification" and cfg.distillation is not None:
+        from attnseg.engine.distill import DistillationTask
+
+        # the teacher is built from cfg.distillation when fitting starts (evaluation never needs its file)
+        return DistillationTask(model, config, class_names=class_names)
     if cfg.task == "classification":
         return ClassificationTask(model, config, class_names=class_names)
     ignore_index = getattr(dataset, "ignore_index", None)
