@@ -82,3 +82,27 @@ def test_models_rows_survive_a_rerun_of_other_families():
     assert [(r["model"], r["run"]) for r in merged] == [("halonet26t", "day 1"), ("nat_mini", "day 2")]
     text = bench_models.render_models(merged)
     assert "- nat_mini: 1.50x (>= 1.0x required): met" in text and "halonet: day 1; nat: day 2" in text
+
+
+def test_sparsifiner_flops_count_the_kept_pairs_and_the_report_checks_the_target():
+    import bench_sparsifiner
+
+    dense, sparse = bench_sparsifiner.build_pair("sparsifiner_deit_tiny")
+    one = bench_sparsifiner.layer_inputs(sparse, batch=1)
+    flops = bench_sparsifiner.layer_flops(dense, sparse, one)
+    H, N, d, C, budget = 3, 197, 64, 192, 50
+    assert one["indices"].shape == (1, H, N - 1, budget)
+    assert flops["core_dense"] == 2 * 2 * H * N * N * d  # QK^T and AV, 2 FLOPs a multiply-add
+    assert flops["core_sparse"] == 2 * 2 * H * (N + (N - 1) * budget) * d  # the cls query keeps every key
+    assert flops["projections"] == 2 * N * C * (3 * C + C)
+    c, K = d // 2, N // 6  # the predictor: q, k to c channels, keys to K tokens, coefficients, coef @ U
+    assert flops["predictor"] == 2 * H * (2 * N * d * c + c * N * K + N * c * K + (N - 1) * K * N)
+    layer_ms = {"dense SDPA": 10.0, "sparse csr": 20.0, "predictor": 30.0, "MHSA dense (timm)": 40.0,
+                "MHSA Sparsifiner (csr)": 80.0}
+    row = {"variant": "sparsifiner_deit_tiny", "dense": "deit_tiny_patch16_224", "batch": 32, "depth": 12,
+           "flops": flops, "layer_ms": layer_ms, "images_per_s": {"dense": 100.0, "sparse": 50.0},
+           "core_share": 0.12, "amdahl_bound": 1 / 0.88}
+    text = bench_sparsifiner.render_sparsifiner([row])
+    assert "| attention core (QK^T, AV) | 29.8 M | 7.7 M | 0.26 |" in text
+    assert "| MHSA Sparsifiner (csr) | 80.0 | 0.50x |" in text and "| sparse csr | 20.0 | 0.50x |" in text
+    assert "Whole-model speedup: 0.50x; target >= 1.2x: NOT met." in text and "at most 1.14x faster" in text

@@ -20,6 +20,9 @@ against their official code, and ContMix's aggregation against the official unfo
 ``python tools/benchmark.py swin-unetr``: Swin UNETR 3D (feature_size 48) forward on 96³ and sliding-window
 inference on 128³ against MONAI's SwinUNETR carrying the same weights (tools/bench_swin_unetr.py).
 
+``python tools/benchmark.py sparsifiner [--families tiny,small,base]``: Sparsifiner against dense DeiT of the same
+size at 50 of 197 keys: FLOPs, one layer's attention and the whole model at batch 32 (tools/bench_sparsifiner.py).
+
 ``python tools/benchmark.py ops-gpu``: the same shapes on a CUDA GPU (batch 1 and 32, fp16 and fp32): the
 ``triton`` backend against natten (when installed) and full attention through SDPA, plus each case's
 memory-bandwidth floor: the bytes an ideal fused kernel moves (q, k, v read once, the output written once,
@@ -351,10 +354,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None and any(os.environ.get(k) != v for k, v in STEADY_MALLOC.items()):
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **STEADY_MALLOC})
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("suite", choices=["ops", "ops-gpu", "models", "models-ii", "swin-unetr"])
+    parser.add_argument("suite", choices=["ops", "ops-gpu", "models", "models-ii", "swin-unetr", "sparsifiner"])
     parser.add_argument("--quick", action="store_true", help="2D case only (ops)")
     parser.add_argument("--families", default=None, help="models: comma-separated families (default: "
-                                                          "halonet,biformer,nat; models-ii: transnext,overlock)")
+                                                          "halonet,biformer,nat; models-ii: transnext,overlock; "
+                                                          "sparsifiner: DeiT sizes, default small)")
     parser.add_argument("--biformer-repo", help="models: a local checkout of rayleizhu/BiFormer (the reference)")
     parser.add_argument("--nat-repo", help="models: a local checkout of SHI-Labs/Neighborhood-Attention-Transformer")
     parser.add_argument("--transnext-repo", help="models-ii: a local checkout of DaiShiResearch/TransNeXt")
@@ -365,6 +369,11 @@ def main(argv: list[str] | None = None) -> int:
         body = render(bench_ops(args.quick))
     elif args.suite == "ops-gpu":
         body = render_gpu(bench_ops_gpu())
+    elif args.suite == "sparsifiner":
+        from bench_sparsifiner import bench_sparsifiner, render_sparsifiner
+
+        variants = tuple(f"sparsifiner_deit_{v}" for v in (args.families or "small").split(","))
+        body = render_sparsifiner(bench_sparsifiner(variants))
     elif args.suite == "swin-unetr":
         from bench_swin_unetr import bench_swin_unetr, render_swin_unetr
 

@@ -154,10 +154,12 @@ class ConnectivityPredictor(nn.Module):
         """Keys kept per non-cls query for ``num_tokens`` tokens: ``ceil(keep_rate * N)``."""
         return min(num_tokens, math.ceil(self.keep_rate * num_tokens))
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, grid: Sequence[int], recon: bool = False) -> dict[str, Any]:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, grid: Sequence[int], recon: bool = False,
+                mask: bool = True) -> dict[str, Any]:
         """``q, k [B, heads, N, head_dim]`` -> ``basis_coef [B, heads, N-1, K]``, ``approx_attn [B, heads, N-1, N]``,
-        ``attn_mask [B, heads, N, N]`` (bool, row 0 all True) and, with ``score_topk``, ``indices
-        [B, heads, N-1, budget]`` (the kept keys of each non-cls query, unsorted)."""
+        ``attn_mask [B, heads, N, N]`` (bool, row 0 all True; only with ``mask``, or without ``score_topk``) and,
+        with ``score_topk``, ``indices [B, heads, N-1, budget]`` (the kept keys of each non-cls query, unsorted).
+        The attention on kept keys needs only ``indices``: ``mask=False`` skips the dense boolean mask."""
         N = q.shape[2]
         proj_n = resample_token_table(self.proj_n, self.grid, grid, scale_sum=True)  # [N, K]
         basis = resample_token_table(self.proj_back_n, self.grid, grid).transpose(0, 1)  # [K, N]
@@ -176,9 +178,10 @@ class ConnectivityPredictor(nn.Module):
         out: dict[str, Any] = {"basis_coef": coef, "approx_attn": approx_attn}
         with torch.no_grad():  # the mask carries no gradient
             if self.score_topk:
-                indices = approx_attn.topk(self.budget(N), sorted=False)[1]  # [B, heads, N-1, budget]
-                keep = torch.zeros_like(approx_attn, dtype=torch.bool).scatter_(-1, indices, True)
-                out["indices"] = indices
+                out["indices"] = approx_attn.topk(self.budget(N), sorted=False)[1]  # [B, heads, N-1, budget]
+                if not mask:
+                    return out
+                keep = torch.zeros_like(approx_attn, dtype=torch.bool).scatter_(-1, out["indices"], True)
             else:
                 keep = approx_attn > self.score_threshold
             cls_row = keep.new_ones(*keep.shape[:2], 1, N)
@@ -277,12 +280,14 @@ class SparseAttention(nn.Module):
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # [B, heads, N, head_dim]
-        aux = self.mask_predictor(q, k, grid, recon=recon)
         dropout = self.attn_drop.p > 0 and self.training
         # auto: the CSR kernels in CPU inference; with gradient, or on devices where they were never tested, the
         # masked formulation
         dense_auto = impl == "auto" and ((torch.is_grad_enabled() and x.requires_grad) or x.device.type != "cpu")
-        if recon or return_attn or dropout or impl == "masked" or dense_auto or "indices" not in aux:
+        masked = (recon or return_attn or dropout or impl == "masked" or dense_auto
+                  or not self.mask_predictor.score_topk)
+        aux = self.mask_predictor(q, k, grid, recon=recon, mask=masked)
+        if masked:
             if recon:  # attention reconstruction phase: dense attention, the mask unused
                 attn = unmasked = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
                 out = attn @ v

@@ -75,6 +75,15 @@ def test_mask_rows_budget_and_no_gradient():
         assert (p.grad is None) == (".mask_predictor." in name), name
 
 
+def test_predictor_without_mask_gives_the_same_kept_keys():
+    predictor = _randomize(ConnectivityPredictor(8, 2, 17, (4, 4), keep_rate=0.25, reduce_n_factor=4, coef_topk=2))
+    q, k = torch.randn(2, 2, 17, 8), torch.randn(2, 2, 17, 8)
+    full, lean = predictor(q, k, (4, 4)), predictor(q, k, (4, 4), mask=False)
+    assert "attn_mask" not in lean and torch.equal(lean["indices"], full["indices"])
+    rebuilt = torch.zeros(2, 2, 16, 17, dtype=torch.bool).scatter_(-1, lean["indices"], True)
+    assert torch.equal(rebuilt, full["attn_mask"][:, :, 1:]) and (rebuilt.sum(-1) == 5).all()
+
+
 def test_attention_reconstruction_mode_is_dense_with_a_trainable_estimate():
     model = _randomize(BACKBONES.get("test_sparsifiner")(num_classes=3, attn_recon=True)).train()
     out = model.forward_official(torch.randn(2, 3, 64, 64))
