@@ -42,3 +42,13 @@ def test_no_timm_name_is_overridden():
                           text=True, cwd=Path(__file__).resolve().parents[1], timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert int(proc.stdout.strip()) >= 15
+
+
+@pytest.mark.parametrize("name", ["attnseg_sparsifiner_deit_tiny", "attnseg_karat_vit_tiny"])
+def test_vit_family_features_only_gives_the_simple_feature_pyramid(name):
+    model = timm.create_model(name, features_only=True, img_size=128).eval()  # 65 tokens: Sparsifiner K = 10
+    assert model.feature_info.reduction() == [4, 8, 16, 32] and model.feature_info.channels()[2] == 192
+    with torch.no_grad():
+        maps = model(torch.randn(1, 3, 128, 128))
+    assert [tuple(m.shape[-2:]) for m in maps] == [(32, 32), (16, 16), (8, 8), (4, 4)]
+    assert [m.shape[1] for m in maps] == model.feature_info.channels()
