@@ -192,6 +192,27 @@ def test_teacher_follows_the_student_dtype_and_is_not_copied():
         FrozenTeacher(BACKBONES.get("test_mambaout")())
 
 
+def test_sparsifiner_teacher_at_keep_rate_one_is_the_dense_vit(tmp_path):
+    """The documented teacher: a Sparsifiner factory with keep_rate 1.0 computes the dense DeiT/ViT it loads."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    vit = VisionTransformer(img_size=64, patch_size=16, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0,
+                            num_classes=NUM_CLASSES).eval()
+    torch.save(vit.state_dict(), tmp_path / "vit.pth")
+    cfg = _config(tmp_path, "backbone")
+    raw = cfg.model_dump(mode="json")
+    raw["distillation"]["teacher"]["pretrained"] = str(tmp_path / "vit.pth")
+    task = DistillationTask(build_model(cfg), validate_config(raw).model_dump(mode="json"))
+    task.setup("fit")
+    x = torch.randn(2, 3, 64, 64)
+    out = task.teacher(x)
+    with torch.no_grad():
+        tokens = vit.forward_features(x)
+        logits = vit.forward_head(tokens)
+    assert torch.allclose(out["x"], logits, atol=1e-5) and torch.allclose(out["features"], tokens[:, 1:], atol=1e-5)
+    assert all(torch.allclose(a.sum(-1), torch.ones(())) for a in out["unmasked_attn_list"])
+
+
 # -- config validation ------------------------------------------------------------------------------------
 
 
