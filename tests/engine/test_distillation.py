@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
@@ -333,3 +334,28 @@ def test_phase_one_then_phase_two_from_its_last_checkpoint(tmp_path):
     predictor = [k for k in phase1 if ".mask_predictor." in k]
     assert predictor and all(torch.equal(final[k], phase1[k]) for k in predictor)
     assert not torch.equal(final["blocks.0.attn.qkv.weight"], phase1["blocks.0.attn.qkv.weight"])
+
+
+class _StopAfterFirstEpoch(pl.Callback):
+    def on_train_epoch_end(self, trainer, pl_module):
+        trainer.should_stop = True
+
+
+def test_resumed_distillation_run_equals_an_uninterrupted_one(tmp_path):
+    """The teacher is rebuilt from the config on resume; optimizer, schedule and RNG states come back."""
+    _image_folder(tmp_path / "data")
+
+    def config(name):
+        raw = _config(tmp_path, "backbone").model_dump(mode="json")
+        raw["work_dir"] = str(tmp_path / name)
+        raw["trainer"].update(max_epochs=2, deterministic=True)
+        raw["classification"].update(mixup_alpha=0.8)
+        return validate_config(raw)
+
+    full = train(config("full"))
+    train(config("part"), callbacks=[_StopAfterFirstEpoch()])
+    resumed = train(config("part"), resume=True)
+    assert resumed["global_step"] == full["global_step"] == 2
+    a = torch.load(full["last_checkpoint"], map_location="cpu", weights_only=True)["state_dict"]
+    b = torch.load(resumed["last_checkpoint"], map_location="cpu", weights_only=True)["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
