@@ -47,9 +47,13 @@ by ``N_built_patches / N_new_patches`` so that the sums over keys in ``Phi`` and
 magnitude. This lets the backbone contract (any input size, dense heads, the simple feature pyramid) hold; accuracy
 away from the built size is untested. ``dynamic_size=False`` refuses other sizes with :class:`InputSizeError`.
 
-Cost: the basis features ``[B, heads, N, N, num_functions]`` dominate activation memory (the paper reports 2.5-3x the
-training memory of a softmax ViT); ``row_chunk`` (``Phi`` over chunks of query rows, each checkpointed) or
-``set_grad_checkpointing`` (whole blocks) trade it for recomputation.
+Cost: stored for the backward pass by plain autograd, the basis features ``[B, heads, N, N, num_functions]`` dominate
+activation memory (the paper reports 2.5-3x the training memory of a softmax ViT; the same here with
+``memory_efficient=False``). By default (a basis with an analytic derivative, as Fourier) :func:`kan_phi` stores only
+the logits and recomputes the features chunk by chunk in the backward pass, and the attention forms ``Phi @ (W^T V)``
+without storing ``sigma(A)``: one N x N tensor per block is kept, as an unfused softmax attention keeps its
+probabilities (docs/benchmarks.md, section "KArAt vs ViT", has the measurements). ``set_grad_checkpointing`` (whole
+blocks recomputed) lowers it further.
 
 Dense use: :meth:`KArAtViT.forward_pyramid` feeds the last stride-16 map to ViTDet's simple feature pyramid (strides
 4, 8, 16, 32, cropped to ``ceil(size / stride)``).
@@ -65,6 +69,7 @@ import torch
 import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from attnseg.backbones._common import (
@@ -82,8 +87,8 @@ from attnseg.layers import DropPath, Mlp, SimpleFeaturePyramid, drop_path_rates,
 from attnseg.layers.swin import PatchEmbed
 from attnseg.registry import BACKBONES, suggest
 
-__all__ = ["KANBasis", "FourierBasis", "BASES", "make_basis", "KArAtOperator", "KArAtAttention", "KArAtBlock",
-           "KArAtViT", "resize_token_grid", "simplex_projection"]
+__all__ = ["KANBasis", "FourierBasis", "BASES", "make_basis", "kan_phi", "KArAtOperator", "KArAtAttention",
+           "KArAtBlock", "KArAtViT", "resize_token_grid", "simplex_projection"]
 
 _LayerNorm = functools.partial(nn.LayerNorm, eps=1e-6)
 
@@ -95,12 +100,21 @@ class KANBasis(nn.Module):
 
     Subclasses set ``num_functions`` in ``__init__`` and implement ``forward``; they may hold parameters or buffers
     (a learnable grid, scales). The operator learns one coefficient per (key position, function, output unit).
+
+    Optional, for the operator's memory-efficient path (:func:`kan_phi`): a basis without trainable parameters that
+    sets ``analytic_derivative = True`` and implements :meth:`features_and_derivative` has its features recomputed
+    in the backward pass instead of stored. Other bases run through plain autograd.
     """
 
     num_functions: int
+    analytic_derivative: bool = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def features_and_derivative(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x [...]`` -> ``(psi(x), psi'(x))``, both ``[..., num_functions]`` (only with ``analytic_derivative``)."""
+        raise NotImplementedError(f"{type(self).__name__} has no analytic derivative")
 
 
 class FourierBasis(KANBasis):
@@ -122,9 +136,18 @@ class FourierBasis(KANBasis):
                              persistent=False)
         self.num_functions = 2 * len(self.freqs)
 
+    analytic_derivative = True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mx = x.unsqueeze(-1) * self.freqs.to(x.dtype)  # [...] -> [..., n_freq]
         return torch.cat([torch.cos(mx), torch.sin(mx)], dim=-1)  # [..., 2 n_freq]
+
+    def features_and_derivative(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(psi(x), psi'(x))`` ``[..., 2 n_freq]``: ``psi' = [-m sin(m x), m cos(m x)]`` from the same cos/sin."""
+        freqs = self.freqs.to(x.dtype)
+        mx = x.unsqueeze(-1) * freqs  # [...] -> [..., n_freq]
+        cos, sin = torch.cos(mx), torch.sin(mx)
+        return torch.cat([cos, sin], dim=-1), torch.cat([-sin * freqs, cos * freqs], dim=-1)  # [..., 2 n_freq] x 2
 
 
 BASES: dict[str, type[KANBasis]] = {"fourier": FourierBasis}
@@ -183,6 +206,68 @@ def resize_token_grid(t: torch.Tensor, old_grid: Sequence[int], new_grid: Sequen
     return out.reshape(-1, *rest).movedim(0, dim)
 
 
+# Without a row_chunk, the memory-efficient path takes as many query rows at a time as keep one chunk's basis
+# features under this many elements (2 MiB in float32; measured on 2 cores, 2^18..2^22 ran equally fast, the smaller
+# the less memory); the result does not depend on the chunking.
+_CHUNK_ELEMENTS = 2**19
+
+
+class _KANPhi(torch.autograd.Function):
+    """``Phi`` of :class:`KArAtOperator` saving only its inputs: the basis features (``num_functions`` values per
+    logit) are computed chunk by chunk in the forward pass and again in the backward pass, never stored."""
+
+    @staticmethod
+    def forward(ctx: Any, a: torch.Tensor, coeff: torch.Tensor, basis: KANBasis, rows: int) -> torch.Tensor:
+        B, H, N, M = a.shape  # logits [B, h, N queries, M keys]; coeff [h, M nf, r]
+        with torch.autocast(a.device.type, enabled=False):
+            phi = torch.cat([basis(chunk).reshape(B, H, chunk.shape[2], -1) @ coeff  # [B, h, n, M nf] @ [h, M nf, r]
+                             for chunk in a.split(rows, dim=2)], dim=2)  # [B, h, N, r]
+        ctx.basis, ctx.rows = basis, rows
+        ctx.save_for_backward(a, coeff)
+        return phi
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_phi: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:
+        a, coeff = ctx.saved_tensors
+        need_a, need_coeff = ctx.needs_input_grad[:2]
+        B, H, N, M = a.shape
+        grad_phi = grad_phi.to(a.dtype)
+        grad_a = torch.empty_like(a) if need_a else None
+        grad_coeff = torch.zeros_like(coeff) if need_coeff else None
+        with torch.autocast(a.device.type, enabled=False):
+            for start in range(0, N, ctx.rows):
+                rows = a[:, :, start:start + ctx.rows]  # [B, h, n, M]
+                g = grad_phi[:, :, start:start + ctx.rows]  # [B, h, n, r]
+                n = rows.shape[2]
+                if need_a:
+                    feats, dfeats = ctx.basis.features_and_derivative(rows)  # [B, h, n, M, nf] x 2
+                    grad_feats = (g @ coeff.transpose(-1, -2)).view(B, H, n, M, -1)  # [B, h, n, M, nf]
+                    grad_a[:, :, start:start + n] = (grad_feats * dfeats).sum(-1)
+                else:
+                    feats = ctx.basis(rows)
+                if need_coeff:  # sum over batch and rows of feats^T @ g: [h, M nf, r]
+                    grad_coeff += torch.einsum("bhnm,bhnr->hmr", feats.reshape(B, H, n, -1), g)
+        return grad_a, grad_coeff, None, None
+
+
+def kan_phi(a: torch.Tensor, coeff: torch.Tensor, basis: KANBasis, row_chunk: int | None = None) -> torch.Tensor:
+    """``Phi_p(a[b, h, k, :]) = sum_{q, f} coeff[h, q nf + f, p] psi_f(a[b, h, k, q])``, memory-efficiently.
+
+    ``a [B, h, N, M]`` (logits), ``coeff [h, M * num_functions, r]`` -> ``[B, h, N, r]``. For a basis with
+    ``analytic_derivative`` and no trainable parameters, a custom autograd function saves only ``a`` and ``coeff``
+    and recomputes the features ``[B, h, n, M, num_functions]`` for ``n = row_chunk`` query rows at a time in both
+    passes (without a row_chunk, as many rows as keep a chunk under ``_CHUNK_ELEMENTS``). Otherwise plain autograd
+    over all rows, which stores the features. The same values and gradients either way (up to rounding).
+    """
+    B, H, N, M = a.shape
+    trainable = any(p.requires_grad for p in basis.parameters())
+    if not basis.analytic_derivative or (trainable and torch.is_grad_enabled()):
+        return basis(a).reshape(B, H, N, -1) @ coeff  # [B, h, N, M nf] @ [h, M nf, r] -> [B, h, N, r]
+    rows = row_chunk or max(1, _CHUNK_ELEMENTS // (B * H * M * basis.num_functions))
+    return _KANPhi.apply(a, coeff, basis, rows)
+
+
 class KArAtOperator(nn.Module):
     """The learnable replacement of the row softmax, one per head: ``[B, heads, N, N] -> [B, heads, N, N]``.
 
@@ -203,8 +288,14 @@ class KArAtOperator(nn.Module):
         simplex_projection: project each ``Phi`` row onto the simplex before ``W`` (the paper's l1 option).
         dynamic_size: accept other grids by resizing ``c`` and ``W`` (see the module docstring); else raise.
         row_chunk: compute ``Phi`` for this many query rows at a time, so that the basis features exist for one
-            chunk only (``[B, heads, row_chunk, N, num_functions]``); with gradients on, each chunk is checkpointed
-            (its features recomputed in the backward pass). Same result; None: all rows at once.
+            chunk only (``[B, heads, row_chunk, N, num_functions]``). Same result; None: all rows at once (the
+            memory-efficient path still bounds its chunks, see :func:`kan_phi`). Without the memory-efficient path,
+            each chunk is checkpointed when gradients are on (its features recomputed in the backward pass).
+        memory_efficient: for a basis with an analytic derivative (Fourier), compute ``Phi`` by :func:`kan_phi`,
+            which stores only the logits for the backward pass instead of ``num_functions + n_freq`` values per
+            logit, and, given ``value``, form ``Phi @ (W^T @ value)`` instead of storing ``sigma(A) [B, heads, N,
+            N]``. Same values and gradients up to rounding; False: plain autograd, as before (kept for comparison
+            and benchmarks).
 
     Example::
 
@@ -216,12 +307,13 @@ class KArAtOperator(nn.Module):
     def __init__(self, num_heads: int, grid_size: Sequence[int], rank: int = 12, order: int = 3,
                  basis: str | Callable[..., KANBasis] = "fourier", basis_kwargs: dict[str, Any] | None = None,
                  num_prefix_tokens: int = 1, coeff_std: float | None = None, base_activation: str | None = None,
-                 simplex_projection: bool = False, dynamic_size: bool = True, row_chunk: int | None = None) -> None:
+                 simplex_projection: bool = False, dynamic_size: bool = True, row_chunk: int | None = None,
+                 memory_efficient: bool = True) -> None:
         super().__init__()
         grid_size = tuple(int(g) for g in grid_size)
         if row_chunk is not None and row_chunk < 1:
             raise ValueError(f"row_chunk must be >= 1 or None, got {row_chunk=}")
-        self.row_chunk = row_chunk
+        self.row_chunk, self.memory_efficient = row_chunk, memory_efficient
         if num_heads < 1 or rank < 1 or num_prefix_tokens < 0 or len(grid_size) != 2 or min(grid_size) < 1:
             raise ValueError(f"KArAtOperator needs num_heads, rank >= 1, a 2-D grid_size of positive sides and "
                              f"num_prefix_tokens >= 0, got {num_heads=}, {rank=}, {grid_size=}, {num_prefix_tokens=}")
@@ -258,27 +350,47 @@ class KArAtOperator(nn.Module):
                                    num_prefix=self.num_prefix_tokens, dim=1, scale_mass=True)
         return resize(self.coefficients), resize(self.weight)
 
-    def forward(self, attn: torch.Tensor, grid_size: Sequence[int] | None = None) -> torch.Tensor:
-        """``attn [B, heads, N, N]`` (scaled logits) -> ``sigma(attn) [B, heads, N, N]``."""
+    def forward(self, attn: torch.Tensor, grid_size: Sequence[int] | None = None,
+                value: torch.Tensor | None = None) -> torch.Tensor:
+        """``attn [B, heads, N, N]`` (scaled logits) -> ``sigma(attn) [B, heads, N, N]``, or with ``value [B, heads,
+        N, d]`` the attention output ``sigma(attn) @ value [B, heads, N, d]``, formed as ``Phi @ (W^T @ value)`` on
+        the memory-efficient path (nothing N x N stored but the logits)."""
+        phi, weight = self.phi(attn, grid_size)
+        if value is None:
+            return (phi @ weight.transpose(-1, -2)).to(attn.dtype)  # [B, h, N, r] @ [h, r, N] -> [B, h, N, N]
+        if not self.memory_efficient:
+            return (phi @ weight.transpose(-1, -2)).to(attn.dtype) @ value  # [B, h, N, N] @ [B, h, N, d]
+        wv = weight.transpose(-1, -2) @ value.to(phi.dtype)  # [h, r, N] @ [B, h, N, d] -> [B, h, r, d]
+        return (phi @ wv).to(value.dtype)  # [B, h, N, r] @ [B, h, r, d] -> [B, h, N, d]
+
+    def phi(self, attn: torch.Tensor, grid_size: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``attn [B, heads, N, N]`` -> ``(Phi [B, heads, N, r], W [heads, N, r])``, both in at least float32, so
+        that ``sigma(attn) = Phi @ W^T`` (with the row-wise options applied to ``Phi``)."""
         B, H, N, _ = attn.shape
         if H != self.num_heads:
             raise ValueError(f"operator built for {self.num_heads} heads, got logits with {H}")
         coeff, weight = self.parameters_for(grid_size, N)
         dtype = torch.promote_types(attn.dtype, torch.float32)
         a, coeff = attn.to(dtype), coeff.to(dtype).reshape(H, -1, self.rank)  # coeff [h, N nf, r]
-        if self.row_chunk is None or self.row_chunk >= N:
+        if self.memory_efficient:
+            phi = self._options(a, kan_phi(a, coeff, self.basis, self.row_chunk))
+        elif self.row_chunk is None or self.row_chunk >= N:
             phi = self._phi(a, coeff)
         else:
             grad = torch.is_grad_enabled() and (a.requires_grad or coeff.requires_grad)
             phi = torch.cat([checkpoint(self._phi, rows, coeff, use_reentrant=False) if grad else self._phi(rows, coeff)
                              for rows in a.split(self.row_chunk, dim=2)], dim=2)
-        return (phi @ weight.to(dtype).transpose(-1, -2)).to(attn.dtype)  # [B, h, N, r] @ [h, r, N] -> [B, h, N, N]
+        return phi, weight.to(dtype)
 
     def _phi(self, a: torch.Tensor, coeff: torch.Tensor) -> torch.Tensor:
-        """Logit rows ``[B, h, n, N]`` -> ``Phi`` ``[B, h, n, r]`` (then the row-wise options)."""
+        """Logit rows ``[B, h, n, N]`` -> ``Phi`` ``[B, h, n, r]`` by plain autograd (then the row-wise options)."""
         B, H, n, N = a.shape
         feats = self.basis(a)  # [B, h, n, N, nf]
         phi = feats.reshape(B, H, n, -1) @ coeff  # [B, h, n, N nf] @ [h, N nf, r] -> [B, h, n, r]
+        return self._options(a, phi)
+
+    def _options(self, a: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
+        """The row-wise options on ``Phi [B, h, n, r]`` of the logit rows ``a [B, h, n, N]``."""
         if self.base_activation is not None:
             phi = phi + _BASE_ACTIVATIONS[self.base_activation](a).sum(-1, keepdim=True)
         if self.simplex_projection:
@@ -317,8 +429,12 @@ class KArAtAttention(nn.Module):
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # [B, heads, N, head_dim]
-        attn = self.attn_drop(op((q @ k.transpose(-2, -1)) * self.scale, grid_size))  # [B, heads, N, N]
-        x = (attn @ v).transpose(1, 2).reshape(B, N, C)  # [B, heads, N, hd] -> [B, N, C]
+        logits = (q @ k.transpose(-2, -1)) * self.scale  # [B, heads, N, N]
+        if self.training and self.attn_drop.p > 0:
+            x = self.attn_drop(op(logits, grid_size)) @ v  # [B, heads, N, N] @ [B, heads, N, hd]
+        else:
+            x = op(logits, grid_size, value=v)  # [B, heads, N, hd]
+        x = x.transpose(1, 2).reshape(B, N, C)  # [B, heads, N, hd] -> [B, N, C]
         return self.proj_drop(self.proj(x))
 
 

@@ -8,6 +8,7 @@ from attnseg.backbones.karat import (
     KANBasis,
     KArAtOperator,
     KArAtViT,
+    kan_phi,
     make_basis,
     resize_token_grid,
     simplex_projection,
@@ -302,3 +303,80 @@ def test_row_chunks_give_the_same_values_and_gradients(options):
         KArAtOperator(1, (2, 2), row_chunk=0)
     model = BACKBONES.get("test_karat")(row_chunk=5, num_classes=2)
     assert model.blocks[0].attn.operator.row_chunk == 5 and model(torch.randn(1, 3, 64, 48)).shape == (1, 2)
+
+
+# -- memory-efficient path ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("zero_frequency,row_chunk", [(False, None), (True, 2), (False, 3)])
+def test_kan_phi_gradcheck_and_equals_plain_autograd(zero_frequency, row_chunk):
+    torch.manual_seed(0)
+    basis = FourierBasis(3, zero_frequency=zero_frequency)
+    a = (torch.randn(2, 2, 5, 4, dtype=torch.float64) * 2).requires_grad_()
+    coeff = torch.randn(2, 4 * basis.num_functions, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, c: kan_phi(a, c, basis, row_chunk), (a, coeff))
+    g = torch.randn(2, 2, 5, 2, dtype=torch.float64)
+    fused = kan_phi(a, coeff, basis, row_chunk)
+    plain = basis(a).reshape(2, 2, 5, -1) @ coeff  # what autograd differentiates on the plain path
+    grads_fused = torch.autograd.grad((fused * g).sum(), (a, coeff))
+    grads_plain = torch.autograd.grad((plain * g).sum(), (a, coeff))
+    assert torch.allclose(fused, plain, atol=1e-12)
+    assert all(torch.allclose(x, y, atol=1e-12) for x, y in zip(grads_fused, grads_plain))
+    # only the logits' gradient, or only the coefficients'
+    assert torch.allclose(torch.autograd.grad((kan_phi(a, coeff.detach(), basis, row_chunk) * g).sum(), a)[0],
+                          grads_plain[0], atol=1e-12)
+    assert torch.allclose(torch.autograd.grad((kan_phi(a.detach(), coeff, basis, row_chunk) * g).sum(), coeff)[0],
+                          grads_plain[1], atol=1e-12)
+
+
+def test_kan_phi_stores_only_the_logits_and_coefficients():
+    basis = FourierBasis(3)
+    a = torch.randn(1, 2, 7, 7, requires_grad=True)
+    coeff = torch.randn(2, 7 * 6, 4, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        kan_phi(a, coeff, basis)
+    assert sorted(saved) == sorted([a.numel(), coeff.numel()])
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        basis(a).reshape(1, 2, 7, -1) @ coeff
+    assert max(saved) == a.numel() * 6  # the plain path stores the features
+
+
+def test_kan_phi_falls_back_to_autograd_for_a_basis_with_parameters():
+    basis = _GaussianBasis(4)
+    a = torch.randn(1, 1, 3, 3, dtype=torch.float64)
+    coeff = torch.randn(1, 12, 2, dtype=torch.float64)
+    kan_phi(a, coeff.double(), basis.double()).sum().backward()
+    assert basis.centres.grad is not None and basis.centres.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("mode,options", [("blockwise", {}), ("universal", {"row_chunk": 5}),
+                                          ("blockwise", {"base_activation": "gelu", "simplex_projection": True})])
+def test_memory_efficient_model_equals_plain_autograd(mode, options):
+    torch.manual_seed(0)
+    model = BACKBONES.get("test_karat")(mode=mode, num_classes=3, order=3, **options)
+    x = torch.randn(2, 3, 64, 64)
+    results = []
+    for efficient in (True, False):
+        for op in model.modules():
+            if isinstance(op, KArAtOperator):
+                op.memory_efficient = efficient
+        model.zero_grad(set_to_none=True)
+        out = model(x)
+        out.sum().backward()
+        results.append((out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (out_fast, grads_fast), (out_plain, grads_plain) = results
+    assert torch.allclose(out_fast, out_plain, rtol=1e-5, atol=1e-6)
+    assert grads_fast.keys() == grads_plain.keys() and any("operator.coefficients" in n for n in grads_plain)
+    for name, grad in grads_plain.items():
+        assert torch.allclose(grads_fast[name], grad, rtol=1e-4, atol=1e-6 * grad.abs().max().item()), name
+
+
+def test_operator_with_value_is_sigma_times_value():
+    torch.manual_seed(0)
+    op = KArAtOperator(2, (2, 2), rank=3, order=2).double()
+    A, v = torch.randn(2, 2, 5, 5, dtype=torch.float64), torch.randn(2, 2, 5, 4, dtype=torch.float64)
+    expected = op(A) @ v
+    assert torch.allclose(op(A, value=v), expected, atol=1e-12)
+    op.memory_efficient = False
+    assert torch.allclose(op(A, value=v), expected, atol=1e-12)
