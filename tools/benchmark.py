@@ -23,6 +23,10 @@ inference on 128³ against MONAI's SwinUNETR carrying the same weights (tools/be
 ``python tools/benchmark.py sparsifiner [--families tiny,small,base]``: Sparsifiner against dense DeiT of the same
 size at 50 of 197 keys: FLOPs, one layer's attention and the whole model at batch 32 (tools/bench_sparsifiner.py).
 
+``python tools/benchmark.py karat [--families ViT-T,ViT-S] [--reps 3]``: KArAt (Fourier G3B) against timm's softmax
+ViT of the same size: CPU training step time and peak tensor memory, KArAt's memory-efficient path, its plain-autograd
+path and grad checkpointing (tools/bench_karat.py).
+
 ``python tools/benchmark.py ops-gpu``: the same shapes on a CUDA GPU (batch 1 and 32, fp16 and fp32): the
 ``triton`` backend against natten (when installed) and full attention through SDPA, plus each case's
 memory-bandwidth floor: the bytes an ideal fused kernel moves (q, k, v read once, the output written once,
@@ -354,15 +358,18 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None and any(os.environ.get(k) != v for k, v in STEADY_MALLOC.items()):
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **STEADY_MALLOC})
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("suite", choices=["ops", "ops-gpu", "models", "models-ii", "swin-unetr", "sparsifiner"])
+    parser.add_argument("suite", choices=["ops", "ops-gpu", "models", "models-ii", "swin-unetr", "sparsifiner",
+                                            "karat"])
     parser.add_argument("--quick", action="store_true", help="2D case only (ops)")
     parser.add_argument("--families", default=None, help="models: comma-separated families (default: "
                                                           "halonet,biformer,nat; models-ii: transnext,overlock; "
-                                                          "sparsifiner: DeiT sizes, default small)")
+                                                          "sparsifiner: DeiT sizes, default small; karat: "
+                                                          "ViT-T,ViT-S)")
     parser.add_argument("--biformer-repo", help="models: a local checkout of rayleizhu/BiFormer (the reference)")
     parser.add_argument("--nat-repo", help="models: a local checkout of SHI-Labs/Neighborhood-Attention-Transformer")
     parser.add_argument("--transnext-repo", help="models-ii: a local checkout of DaiShiResearch/TransNeXt")
     parser.add_argument("--overlock-repo", help="models-ii: a local checkout of LMMMEng/OverLoCK")
+    parser.add_argument("--reps", type=int, default=3, help="karat: timed steps per model after the warm-up")
     parser.add_argument("--out", default=str(REPO / "docs" / "benchmarks.md"))
     args = parser.parse_args(argv)
     if args.suite == "ops":
@@ -374,6 +381,11 @@ def main(argv: list[str] | None = None) -> int:
 
         variants = tuple(f"sparsifiner_deit_{v}" for v in (args.families or "small").split(","))
         body = render_sparsifiner(bench_sparsifiner(variants))
+    elif args.suite == "karat":
+        from bench_karat import PAIRS, bench_karat, render_karat
+
+        sizes = (args.families or ",".join(PAIRS)).split(",")
+        body = render_karat(bench_karat({k: PAIRS[k] for k in sizes}, reps=args.reps))
     elif args.suite == "swin-unetr":
         from bench_swin_unetr import bench_swin_unetr, render_swin_unetr
 
