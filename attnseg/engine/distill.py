@@ -31,6 +31,9 @@ checkpoints hold the student alone and load into a plain Classifier (``load_pret
 before; EMA copies do not duplicate it; it is rebuilt from the config (``setup('fit')``, so evaluation never needs
 the teacher's file) and follows the student's device and dtype when it runs.
 
+Both models run ``forward_official``, which keeps every layer's attention maps for the losses, so gradient
+checkpointing (``set_grad_checkpointing``) does not apply in these phases.
+
 Deviations: the official run keeps one process for both phases and resets the predictor/backbone optimizers by
 mutating the config; here each phase is its own run (phase 2 starts from phase 1's ``last.ckpt`` through
 ``model.backbone.pretrained``). The official ``requires_grad`` is True on every parameter after the optimizers are

@@ -19,7 +19,7 @@ from attnseg.engine.distill import (
     logit_distillation_loss,
     token_distillation_loss,
 )
-from attnseg.engine.runner import build_task, train
+from attnseg.engine.runner import build_task, evaluate, train
 from attnseg.errors import ConfigError
 from attnseg.models.builder import build_model
 from attnseg.registry import BACKBONES
@@ -334,6 +334,8 @@ def test_phase_one_then_phase_two_from_its_last_checkpoint(tmp_path):
     predictor = [k for k in phase1 if ".mask_predictor." in k]
     assert predictor and all(torch.equal(final[k], phase1[k]) for k in predictor)
     assert not torch.equal(final["blocks.0.attn.qkv.weight"], phase1["blocks.0.attn.qkv.weight"])
+    (tmp_path / "teacher.pth").unlink()  # evaluation never builds the teacher
+    assert 0.0 <= evaluate(cfg2, second["last_checkpoint"], split="val")["top1"] <= 1.0
 
 
 class _StopAfterFirstEpoch(pl.Callback):
