@@ -76,6 +76,12 @@ def attention_distillation_loss(student_attn: Sequence[torch.Tensor],
 
     Raises:
         ValueError: the two models differ in depth, heads or tokens (the teacher must have the student's layout).
+
+    Example::
+
+        >>> teacher = [torch.full((1, 2, 5, 5), 0.2)] * 3  # uniform attention, 5 tokens, 2 heads, 3 layers
+        >>> float(attention_distillation_loss([torch.zeros(1, 2, 4, 5)] * 3, teacher))  # 2 * 4 * 5 * 0.2**2
+        1.6...
     """
     if len(student_attn) != len(teacher_attn) or not student_attn:
         raise ValueError(f"attention distillation pairs layers one to one: the student gives {len(student_attn)} "
@@ -96,6 +102,12 @@ def logit_distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.
     ``student_logits, teacher_logits [B, num_classes]`` -> scalar
     ``F.kl_div(log_softmax(student), log_softmax(teacher), reduction='batchmean', log_target=True)``, i.e.
     ``sum_b sum_c p_t (log p_t - log p_s) / B``.
+
+    Example::
+
+        >>> logits = torch.randn(4, 10)
+        >>> float(logit_distillation_loss(logits, logits))
+        0.0
     """
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"student logits {list(student_logits.shape)} vs teacher logits "
@@ -109,6 +121,11 @@ def token_distillation_loss(student_tokens: torch.Tensor, teacher_tokens: torch.
 
     ``student_tokens, teacher_tokens [B, N-1, C]`` (cls excluded) -> scalar ``mean((student - teacher)**2)`` over
     every element.
+
+    Example::
+
+        >>> float(token_distillation_loss(torch.ones(2, 196, 384), torch.zeros(2, 196, 384)))
+        1.0
     """
     if student_tokens.shape != teacher_tokens.shape:
         raise ValueError(f"student tokens {list(student_tokens.shape)} vs teacher tokens "

@@ -50,6 +50,16 @@ def test_logit_loss_is_batchmean_kl_of_teacher_from_student():
     assert float(logit_distillation_loss(t, t)) == pytest.approx(0.0, abs=1e-6)
 
 
+def test_docstring_examples_run():
+    import doctest
+
+    import attnseg.engine.distill
+
+    result = doctest.testmod(attnseg.engine.distill, extraglobs={"torch": torch},
+                             optionflags=doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS)
+    assert result.attempted >= 3 and result.failed == 0
+
+
 def test_token_loss_is_elementwise_mse():
     s, t = torch.randn(2, 16, 8), torch.randn(2, 16, 8)
     assert torch.allclose(token_distillation_loss(s, t), ((s - t) ** 2).sum() / s.numel())
