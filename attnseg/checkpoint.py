@@ -323,19 +323,19 @@ def load_pretrained(
                 report.dropped.append(key)
             else:
                 report.unexpected.append(key)
-        elif tuple(value.shape) != tuple(model_sd[key].shape):
-            if key in classifier or _is_class_layer(value.shape, model_sd[key].shape, num_classes):
+        elif tuple(value.shape) != tuple(shape := model_sd[key].shape):
+            if key in classifier:
                 report.dropped.append(key)
-            elif key in input_convs and _only_in_channels_differ(value.shape, model_sd[key].shape):
-                loadable[key] = adapt_input_conv(value, model_sd[key].shape[1])
-                report.adapted.append(f"{key}: {value.shape[1]} -> {model_sd[key].shape[1]} input channels")
+            elif key in input_convs and _only_in_channels_differ(value.shape, shape):
+                loadable[key] = adapt_input_conv(value, shape[1])
+                report.adapted.append(f"{key}: {value.shape[1]} -> {shape[1]} input channels")
+            elif (adapted := _adapt(adapters, key, value, shape, reasons)) is not None:
+                loadable[key], by = adapted
+                report.adapted.append(f"{key}: {list(value.shape)} -> {list(shape)} (by {by})")
+            elif _is_class_layer(value.shape, shape, num_classes):  # after the hooks: a token table of N rows is
+                report.dropped.append(key)                          # no classifier when num_classes == N
             else:
-                adapted = _adapt(adapters, key, value, model_sd[key].shape, reasons)
-                if adapted is None:
-                    report.mismatched.append((key, tuple(value.shape), tuple(model_sd[key].shape)))
-                else:
-                    loadable[key], by = adapted
-                    report.adapted.append(f"{key}: {list(value.shape)} -> {list(model_sd[key].shape)} (by {by})")
+                report.mismatched.append((key, tuple(value.shape), tuple(shape)))
         else:
             loadable[key] = value
     for key in model_sd:

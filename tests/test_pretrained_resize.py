@@ -114,6 +114,17 @@ def test_patch_embed_resize_keeps_tokens_of_resized_patches(tmp_path):
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
 
 
+def test_token_table_is_not_mistaken_for_a_classifier(tmp_path):
+    """A predictor table [N, K] of a model with num_classes == N looks like a class layer; the hook comes first."""
+    src = sparsifiner_factory(num_classes=37)
+    path = _save(tmp_path, src.state_dict())
+    dst = sparsifiner_factory(num_classes=37, img_size=96, reduce_n_factor=9)  # N = 37 tokens, K = 4
+    report = load_pretrained(dst, path)
+    assert "blocks.0.attn.mask_predictor.proj_n: [17, 4] -> [37, 4] (by Sparsifiner)" in report.adapted
+    assert report.dropped == []
+    torch.testing.assert_close(dst.head.weight, src.head.weight, rtol=0, atol=0)
+
+
 def test_sparsifiner_other_rank_is_refused_with_the_factor(tmp_path):
     src = sparsifiner_factory(num_classes=5)  # K = 4
     path = _save(tmp_path, src.state_dict())
