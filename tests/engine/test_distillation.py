@@ -284,6 +284,9 @@ def test_config_reports_every_bad_combination_together():
     assert "model.backbone.attn_recon: phase predictor fits the predictors" in _problems(raw)
     assert "distillation.phase: Input should be 'predictor' or 'backbone'" in _problems(_raw(phase="joint"))
     assert "distillation.logit_weight: Input should be greater than or equal to 0" in _problems(_raw(logit_weight=-1))
+    # a dumped config (every default filled in, as work_dirs/*/config.yaml) validates again
+    dumped = validate_config(_raw(phase="predictor")).model_dump(mode="json")
+    assert validate_config(dumped).distillation.phase == "predictor"
 
 
 def test_teacher_trained_for_other_classes_is_refused_when_its_logits_are_used(tmp_path):
