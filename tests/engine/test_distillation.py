@@ -374,3 +374,21 @@ def test_resumed_distillation_run_equals_an_uninterrupted_one(tmp_path):
     a = torch.load(full["last_checkpoint"], map_location="cpu", weights_only=True)["state_dict"]
     b = torch.load(resumed["last_checkpoint"], map_location="cpu", weights_only=True)["state_dict"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_shipped_phase_configs_follow_the_official_recipe_and_chain():
+    from pathlib import Path
+
+    from attnseg.config import load_config
+    from attnseg.engine.runner import work_dir_for
+
+    folder = Path(__file__).resolve().parents[2] / "configs" / "sparsifiner"
+    one = load_config(folder / "sparsifiner_deit_small_imagefolder_phase1_predictor.yaml")
+    two = load_config(folder / "sparsifiner_deit_small_imagefolder_phase2_backbone.yaml")
+    assert (one.distillation.phase, two.distillation.phase) == ("predictor", "backbone")
+    assert (one.trainer.max_epochs, one.optimizer.lr, two.trainer.max_epochs, two.optimizer.lr) == (5, 3e-4, 45, 8e-5)
+    assert one.optimizer.lr * one.scheduler.min_lr_ratio == pytest.approx(2e-4, rel=1e-3)
+    assert two.optimizer.lr * two.scheduler.min_lr_ratio == pytest.approx(2e-6, rel=1e-3)
+    assert one.model.backbone.kwargs["attn_recon"] and "attn_recon" not in two.model.backbone.kwargs
+    assert two.model.backbone.pretrained == str(work_dir_for(one) / "checkpoints" / "last.ckpt")
+    assert one.distillation.teacher.kwargs["keep_rate"] == two.distillation.teacher.kwargs["keep_rate"] == 1.0
