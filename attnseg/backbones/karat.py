@@ -49,11 +49,12 @@ away from the built size is untested. ``dynamic_size=False`` refuses other sizes
 
 Cost: stored for the backward pass by plain autograd, the basis features ``[B, heads, N, N, num_functions]`` dominate
 activation memory (the paper reports 2.5-3x the training memory of a softmax ViT; the same here with
-``memory_efficient=False``). By default (a basis with an analytic derivative, as Fourier) :func:`kan_phi` stores only
-the logits and recomputes the features chunk by chunk in the backward pass, and the attention forms ``Phi @ (W^T V)``
-without storing ``sigma(A)``: one N x N tensor per block is kept, as an unfused softmax attention keeps its
-probabilities (docs/benchmarks.md, section "KArAt vs ViT", has the measurements). ``set_grad_checkpointing`` (whole
-blocks recomputed) lowers it further.
+``memory_efficient=False``). By default (a basis with an analytic derivative, as Fourier) :func:`kan_phi` computes
+the logits and features of a chunk of query rows at a time from ``q`` and ``k``, stores neither and recomputes them
+in the backward pass, and the attention forms ``Phi @ (W^T V)`` without storing ``sigma(A)``: nothing N x N is kept
+for the backward pass, as in a fused softmax attention (docs/benchmarks.md, section "KArAt vs ViT", has the
+measurements). Attention dropout and a base activation need the whole logits and keep them.
+``set_grad_checkpointing`` (whole blocks recomputed) lowers the memory further.
 
 Dense use: :meth:`KArAtViT.forward_pyramid` feeds the last stride-16 map to ViTDet's simple feature pyramid (strides
 4, 8, 16, 32, cropped to ``ceil(size / stride)``).
@@ -167,6 +168,9 @@ def make_basis(basis: str | Callable[..., KANBasis], order: int, **kwargs: Any) 
 
 # -- operator helpers ---------------------------------------------------------------------------------------------
 
+# The operator's input: the scaled logits [B, heads, N, N], or (q, k, scale) of which they are scale * q @ k^T.
+Logits = torch.Tensor | tuple[torch.Tensor, torch.Tensor, float]
+
 _BASE_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "identity": lambda x: x, "silu": F.silu, "gelu": F.gelu}
 
@@ -214,58 +218,80 @@ _CHUNK_ELEMENTS = 2**19
 
 class _KANPhi(torch.autograd.Function):
     """``Phi`` of :class:`KArAtOperator` saving only its inputs: the basis features (``num_functions`` values per
-    logit) are computed chunk by chunk in the forward pass and again in the backward pass, never stored."""
+    logit) are computed chunk by chunk in the forward pass and again in the backward pass, never stored; given the
+    keys, so are the logits."""
 
     @staticmethod
-    def forward(ctx: Any, a: torch.Tensor, coeff: torch.Tensor, basis: KANBasis, rows: int) -> torch.Tensor:
-        B, H, N, M = a.shape  # logits [B, h, N queries, M keys]; coeff [h, M nf, r]
-        with torch.autocast(a.device.type, enabled=False):
-            phi = torch.cat([basis(chunk).reshape(B, H, chunk.shape[2], -1) @ coeff  # [B, h, n, M nf] @ [h, M nf, r]
-                             for chunk in a.split(rows, dim=2)], dim=2)  # [B, h, N, r]
-        ctx.basis, ctx.rows = basis, rows
-        ctx.save_for_backward(a, coeff)
-        return phi
+    def forward(ctx: Any, x: torch.Tensor, key: torch.Tensor | None, coeff: torch.Tensor, basis: KANBasis, rows: int,
+                scale: float) -> torch.Tensor:
+        # x: logits [B, h, N, M], or queries [B, h, N, d] with key [B, h, M, d]; coeff [h, M nf, r]
+        ctx.basis, ctx.rows, ctx.scale = basis, rows, scale
+        ctx.save_for_backward(x, key, coeff)
+        with torch.autocast(x.device.type, enabled=False):
+            phi = []
+            for start in range(0, x.shape[2], rows):
+                a = _KANPhi.logits(ctx, x, key, start)  # [B, h, n, M]
+                phi.append(basis(a).flatten(3) @ coeff)  # [B, h, n, M nf] @ [h, M nf, r] -> [B, h, n, r]
+        return torch.cat(phi, dim=2)  # [B, h, N, r]
+
+    @staticmethod
+    def logits(ctx: Any, x: torch.Tensor, key: torch.Tensor | None, start: int) -> torch.Tensor:
+        rows = x[:, :, start:start + ctx.rows]
+        return rows if key is None else (rows @ key.transpose(-1, -2)) * ctx.scale  # [B, h, n, M]
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, grad_phi: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:
-        a, coeff = ctx.saved_tensors
-        need_a, need_coeff = ctx.needs_input_grad[:2]
-        B, H, N, M = a.shape
-        grad_phi = grad_phi.to(a.dtype)
-        grad_a = torch.empty_like(a) if need_a else None
+    def backward(ctx: Any, grad_phi: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, key, coeff = ctx.saved_tensors
+        need_x, need_key, need_coeff = ctx.needs_input_grad[:3]
+        need_a = need_x or need_key
+        grad_phi = grad_phi.to(coeff.dtype)
+        grad_x = torch.empty_like(x) if need_x else None
+        grad_key = torch.zeros_like(key) if need_key else None
         grad_coeff = torch.zeros_like(coeff) if need_coeff else None
-        with torch.autocast(a.device.type, enabled=False):
-            for start in range(0, N, ctx.rows):
-                rows = a[:, :, start:start + ctx.rows]  # [B, h, n, M]
+        with torch.autocast(x.device.type, enabled=False):
+            for start in range(0, x.shape[2], ctx.rows):
+                a = _KANPhi.logits(ctx, x, key, start)  # [B, h, n, M]
                 g = grad_phi[:, :, start:start + ctx.rows]  # [B, h, n, r]
-                n = rows.shape[2]
+                end = start + a.shape[2]
                 if need_a:
-                    feats, dfeats = ctx.basis.features_and_derivative(rows)  # [B, h, n, M, nf] x 2
-                    grad_feats = (g @ coeff.transpose(-1, -2)).view(B, H, n, M, -1)  # [B, h, n, M, nf]
-                    grad_a[:, :, start:start + n] = (grad_feats * dfeats).sum(-1)
+                    feats, dfeats = ctx.basis.features_and_derivative(a)  # [B, h, n, M, nf] x 2
+                    grad_feats = (g @ coeff.transpose(-1, -2)).view(dfeats.shape)  # [B, h, n, M nf] -> 5-D
+                    grad_a = (grad_feats * dfeats).sum(-1)  # [B, h, n, M]
+                    if key is None:
+                        grad_x[:, :, start:end] = grad_a
+                    else:
+                        if need_x:
+                            grad_x[:, :, start:end] = (grad_a @ key) * ctx.scale  # [B, h, n, d]
+                        if need_key:
+                            grad_key += (grad_a.transpose(-1, -2) @ x[:, :, start:end]) * ctx.scale  # [B, h, M, d]
                 else:
-                    feats = ctx.basis(rows)
+                    feats = ctx.basis(a)
                 if need_coeff:  # sum over batch and rows of feats^T @ g: [h, M nf, r]
-                    grad_coeff += torch.einsum("bhnm,bhnr->hmr", feats.reshape(B, H, n, -1), g)
-        return grad_a, grad_coeff, None, None
+                    grad_coeff += torch.einsum("bhnm,bhnr->hmr", feats.flatten(3), g)
+        return grad_x, grad_key, grad_coeff, None, None, None
 
 
-def kan_phi(a: torch.Tensor, coeff: torch.Tensor, basis: KANBasis, row_chunk: int | None = None) -> torch.Tensor:
+def kan_phi(x: torch.Tensor, coeff: torch.Tensor, basis: KANBasis, row_chunk: int | None = None,
+            key: torch.Tensor | None = None, scale: float = 1.0) -> torch.Tensor:
     """``Phi_p(a[b, h, k, :]) = sum_{q, f} coeff[h, q nf + f, p] psi_f(a[b, h, k, q])``, memory-efficiently.
 
-    ``a [B, h, N, M]`` (logits), ``coeff [h, M * num_functions, r]`` -> ``[B, h, N, r]``. For a basis with
-    ``analytic_derivative`` and no trainable parameters, a custom autograd function saves only ``a`` and ``coeff``
-    and recomputes the features ``[B, h, n, M, num_functions]`` for ``n = row_chunk`` query rows at a time in both
-    passes (without a row_chunk, as many rows as keep a chunk under ``_CHUNK_ELEMENTS``). Otherwise plain autograd
-    over all rows, which stores the features. The same values and gradients either way (up to rounding).
+    ``x`` is the logits ``a [B, h, N, M]``, or with ``key [B, h, M, d]`` the queries ``[B, h, N, d]`` and
+    ``a = scale * x @ key^T``; ``coeff [h, M * num_functions, r]``; returns ``[B, h, N, r]``. For a basis with
+    ``analytic_derivative`` and no trainable parameters, a custom autograd function saves only its inputs and
+    recomputes the features ``[B, h, n, M, num_functions]`` (and, given the keys, the logits) for ``n = row_chunk``
+    query rows at a time in both passes (without a row_chunk, as many rows as keep a chunk under
+    ``_CHUNK_ELEMENTS``). Otherwise plain autograd over all rows, which stores the features. The same values and
+    gradients either way (up to rounding).
     """
-    B, H, N, M = a.shape
+    B, H, N = x.shape[:3]
+    M = x.shape[3] if key is None else key.shape[2]
     trainable = any(p.requires_grad for p in basis.parameters())
     if not basis.analytic_derivative or (trainable and torch.is_grad_enabled()):
+        a = x if key is None else (x @ key.transpose(-1, -2)) * scale  # [B, h, N, M]
         return basis(a).reshape(B, H, N, -1) @ coeff  # [B, h, N, M nf] @ [h, M nf, r] -> [B, h, N, r]
     rows = row_chunk or max(1, _CHUNK_ELEMENTS // (B * H * M * basis.num_functions))
-    return _KANPhi.apply(a, coeff, basis, rows)
+    return _KANPhi.apply(x, key, coeff, basis, rows, scale)
 
 
 class KArAtOperator(nn.Module):
@@ -292,10 +318,10 @@ class KArAtOperator(nn.Module):
             memory-efficient path still bounds its chunks, see :func:`kan_phi`). Without the memory-efficient path,
             each chunk is checkpointed when gradients are on (its features recomputed in the backward pass).
         memory_efficient: for a basis with an analytic derivative (Fourier), compute ``Phi`` by :func:`kan_phi`,
-            which stores only the logits for the backward pass instead of ``num_functions + n_freq`` values per
-            logit, and, given ``value``, form ``Phi @ (W^T @ value)`` instead of storing ``sigma(A) [B, heads, N,
-            N]``. Same values and gradients up to rounding; False: plain autograd, as before (kept for comparison
-            and benchmarks).
+            which stores only its inputs for the backward pass (the logits, or ``q`` and ``k``) instead of
+            ``num_functions + n_freq`` values per logit, and, given ``value``, form ``Phi @ (W^T @ value)`` instead
+            of storing ``sigma(A) [B, heads, N, N]``. Same values and gradients up to rounding; False: plain
+            autograd, as before (kept for comparison and benchmarks).
 
     Example::
 
@@ -350,33 +376,43 @@ class KArAtOperator(nn.Module):
                                    num_prefix=self.num_prefix_tokens, dim=1, scale_mass=True)
         return resize(self.coefficients), resize(self.weight)
 
-    def forward(self, attn: torch.Tensor, grid_size: Sequence[int] | None = None,
+    def forward(self, attn: Logits, grid_size: Sequence[int] | None = None,
                 value: torch.Tensor | None = None) -> torch.Tensor:
         """``attn [B, heads, N, N]`` (scaled logits) -> ``sigma(attn) [B, heads, N, N]``, or with ``value [B, heads,
         N, d]`` the attention output ``sigma(attn) @ value [B, heads, N, d]``, formed as ``Phi @ (W^T @ value)`` on
-        the memory-efficient path (nothing N x N stored but the logits)."""
+        the memory-efficient path. ``attn`` may also be ``(q [B, heads, N, d], k [B, heads, N, d], scale)`` with
+        logits ``scale * q @ k^T``, which the memory-efficient path then computes chunk by chunk and never stores."""
+        dtype = (attn[0] if isinstance(attn, tuple) else attn).dtype
         phi, weight = self.phi(attn, grid_size)
         if value is None:
-            return (phi @ weight.transpose(-1, -2)).to(attn.dtype)  # [B, h, N, r] @ [h, r, N] -> [B, h, N, N]
+            return (phi @ weight.transpose(-1, -2)).to(dtype)  # [B, h, N, r] @ [h, r, N] -> [B, h, N, N]
         if not self.memory_efficient:
-            return (phi @ weight.transpose(-1, -2)).to(attn.dtype) @ value  # [B, h, N, N] @ [B, h, N, d]
+            return (phi @ weight.transpose(-1, -2)).to(dtype) @ value  # [B, h, N, N] @ [B, h, N, d]
         wv = weight.transpose(-1, -2) @ value.to(phi.dtype)  # [h, r, N] @ [B, h, N, d] -> [B, h, r, d]
         return (phi @ wv).to(value.dtype)  # [B, h, N, r] @ [B, h, r, d] -> [B, h, N, d]
 
-    def phi(self, attn: torch.Tensor, grid_size: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``attn [B, heads, N, N]`` -> ``(Phi [B, heads, N, r], W [heads, N, r])``, both in at least float32, so
-        that ``sigma(attn) = Phi @ W^T`` (with the row-wise options applied to ``Phi``)."""
-        B, H, N, _ = attn.shape
+    def phi(self, attn: Logits, grid_size: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``attn`` (as in :meth:`forward`) -> ``(Phi [B, heads, N, r], W [heads, N, r])``, both in at least
+        float32, so that ``sigma(attn) = Phi @ W^T`` (with the row-wise options applied to ``Phi``)."""
+        if isinstance(attn, tuple) and (not self.memory_efficient or self.base_activation is not None):
+            q, k, scale = attn
+            attn = (q @ k.transpose(-2, -1)) * scale  # [B, heads, N, N]
+        B, H, N = (attn[0] if isinstance(attn, tuple) else attn).shape[:3]
         if H != self.num_heads:
             raise ValueError(f"operator built for {self.num_heads} heads, got logits with {H}")
         coeff, weight = self.parameters_for(grid_size, N)
-        dtype = torch.promote_types(attn.dtype, torch.float32)
-        a, coeff = attn.to(dtype), coeff.to(dtype).reshape(H, -1, self.rank)  # coeff [h, N nf, r]
-        if self.memory_efficient:
+        dtype = torch.promote_types((attn[0] if isinstance(attn, tuple) else attn).dtype, torch.float32)
+        coeff = coeff.to(dtype).reshape(H, -1, self.rank)  # [h, N nf, r]
+        if isinstance(attn, tuple):  # memory-efficient, no base activation: the logits are never stored
+            q, k, scale = attn
+            phi = self._options(None, kan_phi(q.to(dtype), coeff, self.basis, self.row_chunk, k.to(dtype), scale))
+        elif self.memory_efficient:
+            a = attn.to(dtype)
             phi = self._options(a, kan_phi(a, coeff, self.basis, self.row_chunk))
         elif self.row_chunk is None or self.row_chunk >= N:
-            phi = self._phi(a, coeff)
+            phi = self._phi(attn.to(dtype), coeff)
         else:
+            a = attn.to(dtype)
             grad = torch.is_grad_enabled() and (a.requires_grad or coeff.requires_grad)
             phi = torch.cat([checkpoint(self._phi, rows, coeff, use_reentrant=False) if grad else self._phi(rows, coeff)
                              for rows in a.split(self.row_chunk, dim=2)], dim=2)
@@ -389,8 +425,9 @@ class KArAtOperator(nn.Module):
         phi = feats.reshape(B, H, n, -1) @ coeff  # [B, h, n, N nf] @ [h, N nf, r] -> [B, h, n, r]
         return self._options(a, phi)
 
-    def _options(self, a: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
-        """The row-wise options on ``Phi [B, h, n, r]`` of the logit rows ``a [B, h, n, N]``."""
+    def _options(self, a: torch.Tensor | None, phi: torch.Tensor) -> torch.Tensor:
+        """The row-wise options on ``Phi [B, h, n, r]`` of the logit rows ``a [B, h, n, N]`` (needed only with a
+        base activation)."""
         if self.base_activation is not None:
             phi = phi + _BASE_ACTIVATIONS[self.base_activation](a).sum(-1, keepdim=True)
         if self.simplex_projection:
@@ -429,11 +466,11 @@ class KArAtAttention(nn.Module):
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # [B, heads, N, head_dim]
-        logits = (q @ k.transpose(-2, -1)) * self.scale  # [B, heads, N, N]
         if self.training and self.attn_drop.p > 0:
+            logits = (q @ k.transpose(-2, -1)) * self.scale  # [B, heads, N, N]
             x = self.attn_drop(op(logits, grid_size)) @ v  # [B, heads, N, N] @ [B, heads, N, hd]
         else:
-            x = op(logits, grid_size, value=v)  # [B, heads, N, hd]
+            x = op((q, k, self.scale), grid_size, value=v)  # sigma(scale q k^T) @ v: [B, heads, N, hd]
         x = x.transpose(1, 2).reshape(B, N, C)  # [B, heads, N, hd] -> [B, N, C]
         return self.proj_drop(self.proj(x))
 

@@ -328,6 +328,25 @@ def test_kan_phi_gradcheck_and_equals_plain_autograd(zero_frequency, row_chunk):
                           grads_plain[1], atol=1e-12)
 
 
+@pytest.mark.parametrize("row_chunk", [None, 2])
+def test_kan_phi_from_queries_and_keys_gradcheck_and_equals_plain_autograd(row_chunk):
+    torch.manual_seed(0)
+    basis = FourierBasis(2)
+    q = torch.randn(2, 2, 5, 3, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 2, 5, 3, dtype=torch.float64, requires_grad=True)
+    coeff = torch.randn(2, 5 * basis.num_functions, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda q, k, c: kan_phi(q, c, basis, row_chunk, key=k, scale=0.7), (q, k, coeff))
+    g = torch.randn(2, 2, 5, 2, dtype=torch.float64)
+    fused = kan_phi(q, coeff, basis, row_chunk, key=k, scale=0.7)
+    plain = basis((q @ k.transpose(-1, -2)) * 0.7).reshape(2, 2, 5, -1) @ coeff
+    assert torch.allclose(fused, plain, atol=1e-12)
+    grads_fused = torch.autograd.grad((fused * g).sum(), (q, k, coeff))
+    grads_plain = torch.autograd.grad((plain * g).sum(), (q, k, coeff))
+    assert all(torch.allclose(x, y, atol=1e-12) for x, y in zip(grads_fused, grads_plain))
+    only_k = torch.autograd.grad((kan_phi(q.detach(), coeff, basis, row_chunk, key=k, scale=0.7) * g).sum(), k)[0]
+    assert torch.allclose(only_k, grads_plain[1], atol=1e-12)
+
+
 def test_kan_phi_stores_only_the_logits_and_coefficients():
     basis = FourierBasis(3)
     a = torch.randn(1, 2, 7, 7, requires_grad=True)
@@ -340,6 +359,11 @@ def test_kan_phi_stores_only_the_logits_and_coefficients():
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
         basis(a).reshape(1, 2, 7, -1) @ coeff
     assert max(saved) == a.numel() * 6  # the plain path stores the features
+    q, k = torch.randn(1, 2, 7, 3, requires_grad=True), torch.randn(1, 2, 7, 3, requires_grad=True)
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        kan_phi(q, coeff, basis, key=k, scale=0.5)
+    assert sorted(saved) == sorted([q.numel(), k.numel(), coeff.numel()])  # not even the logits [1, 2, 7, 7]
 
 
 def test_kan_phi_falls_back_to_autograd_for_a_basis_with_parameters():
@@ -372,11 +396,14 @@ def test_memory_efficient_model_equals_plain_autograd(mode, options):
         assert torch.allclose(grads_fast[name], grad, rtol=1e-4, atol=1e-6 * grad.abs().max().item()), name
 
 
-def test_operator_with_value_is_sigma_times_value():
+def test_operator_with_value_or_queries_and_keys():
     torch.manual_seed(0)
     op = KArAtOperator(2, (2, 2), rank=3, order=2).double()
-    A, v = torch.randn(2, 2, 5, 5, dtype=torch.float64), torch.randn(2, 2, 5, 4, dtype=torch.float64)
+    q, k, v = (torch.randn(2, 2, 5, 4, dtype=torch.float64) for _ in range(3))
+    A = (q @ k.transpose(-1, -2)) * 0.5
     expected = op(A) @ v
-    assert torch.allclose(op(A, value=v), expected, atol=1e-12)
-    op.memory_efficient = False
-    assert torch.allclose(op(A, value=v), expected, atol=1e-12)
+    for efficient in (True, False):
+        op.memory_efficient = efficient
+        assert torch.allclose(op(A, value=v), expected, atol=1e-12)
+        assert torch.allclose(op((q, k, 0.5), value=v), expected, atol=1e-12)
+        assert torch.allclose(op((q, k, 0.5)), op(A), atol=1e-12)
