@@ -267,8 +267,8 @@ class _KANPhi(torch.autograd.Function):
                             grad_key += (grad_a.transpose(-1, -2) @ x[:, :, start:end]) * ctx.scale  # [B, h, M, d]
                 else:
                     feats = ctx.basis(a)
-                if need_coeff:  # sum over batch and rows of feats^T @ g: [h, M nf, r]
-                    grad_coeff += torch.einsum("bhnm,bhnr->hmr", feats.flatten(3), g)
+                if need_coeff:  # sum over batch and rows of feats^T @ g: [B, h, M nf, r] -> [h, M nf, r]
+                    grad_coeff += (feats.flatten(3).transpose(-1, -2) @ g).sum(0)
         return grad_x, grad_key, grad_coeff, None, None, None
 
 
