@@ -49,5 +49,7 @@ def test_karat_suite_rows_and_rendered_table():
     mem_ratio = float(cells[3][8].rstrip("x"))  # plain autograd
     assert abs(mem_ratio - plain["peak_mib"] / vit["peak_mib"]) < 0.01
     assert "2.5-3x" in text and "memory_efficient=False" in text
+    summary = next(line for line in text.splitlines() if line.startswith("- tiny: "))
+    assert f"plain autograd {plain['peak_mib'] / vit['peak_mib']:.2f}x;" in summary
     doc = benchmark.replace_section(benchmark.HEADER, "karat", text)
     assert "<!-- begin karat -->" in doc and benchmark.section_of(doc, "karat").strip() == text.strip()

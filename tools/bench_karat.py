@@ -162,6 +162,12 @@ def _first_operator(model: nn.Module) -> Any:
     return next(m for m in model.modules() if isinstance(m, KArAtOperator))
 
 
+def _chunk_elements() -> str:
+    from attnseg.backbones import karat
+
+    return f"2^{karat._CHUNK_ELEMENTS.bit_length() - 1}"
+
+
 def render_karat(rows: list[dict[str, Any]]) -> str:
     """The markdown section of ``rows`` (from :func:`bench_karat`): a table with the ratios to the ViT row of the
     same size, the settings, and what is measured."""
@@ -175,8 +181,9 @@ def render_karat(rows: list[dict[str, Any]]) -> str:
         f"One training step = forward, cross-entropy, backward, AdamW step on a fixed batch at "
         f"{rows[0]['img_size'] if rows else '?'} px (N = 197 tokens at 224). KArAt: Fourier G{karat.get('order', '?')}"
         f"{'B' if karat.get('mode') == 'blockwise' else 'U'}, r = {karat.get('rank', '?')}, row_chunk = "
-        f"{karat.get('row_chunk')} (None: the memory-efficient path picks chunks of at most 2^22 feature "
-        "elements), random weights, timm's ViT of the same embed dim, depth, heads and MLP ratio as the baseline.",
+        f"{karat.get('row_chunk')} (None: the memory-efficient path takes as many query rows at a time as keep a "
+        f"chunk's features under {_chunk_elements()} elements), random weights; the baseline is timm's ViT of the "
+        "same embed dim, depth, heads and MLP ratio.",
         "",
         "Seconds: median over the reps column's steps after one warm-up step, the models taking turns step by step. "
         "Memory: peak of live tensor memory in one steady-state step (torch.profiler allocation/free events in time "
@@ -200,7 +207,18 @@ def render_karat(rows: list[dict[str, Any]]) -> str:
         lines.append(f"| {r['size']} | {r['setting']} | {r['batch']} | {r['params_m']:.2f} | {r['step_s']:.2f} | "
                      f"{ratio(r, 'step_s')} | {r['held_mib']:.0f} | {r['peak_mib']:.0f} | {ratio(r, 'peak_mib')} | "
                      f"{r['step_peak_mib']:.0f} | {ratio(r, 'step_peak_mib')} | {r['reps']} |")
-    lines += ["", f"The paper reports KArAt at {PAPER_RATIO} the training memory of the softmax ViT.", ""]
+    lines += ["", f"The paper reports KArAt at {PAPER_RATIO} the training memory of the softmax ViT. Here, "
+              "KArAt / ViT (peak memory; step time):", ""]
+    by = {(r["size"], r["setting"]): r for r in rows}
+    for size, vit in base.items():
+        parts = []
+        for setting, label in (("KArAt", "memory-efficient (default)"), ("KArAt, plain autograd", "plain autograd"),
+                               ("KArAt + grad checkpointing", "memory-efficient + grad checkpointing")):
+            if (size, setting) in by:
+                r = by[size, setting]
+                parts.append(f"{label} {r['peak_mib'] / vit['peak_mib']:.2f}x; {r['step_s'] / vit['step_s']:.2f}x")
+        lines.append(f"- {size}: " + " | ".join(parts))
+    lines.append("")
     for r in rows:
         if "max_abs_diff_vs_plain" in r and r["setting"] != "KArAt, plain autograd":
             lines.append(f"- {r['size']} {r['setting']}: largest logit difference to the plain-autograd KArAt (same "
