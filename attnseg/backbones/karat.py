@@ -282,7 +282,8 @@ def kan_phi(x: torch.Tensor, coeff: torch.Tensor, basis: KANBasis, row_chunk: in
     recomputes the features ``[B, h, n, M, num_functions]`` (and, given the keys, the logits) for ``n = row_chunk``
     query rows at a time in both passes (without a row_chunk, as many rows as keep a chunk under
     ``_CHUNK_ELEMENTS``). Otherwise plain autograd over all rows, which stores the features. The same values and
-    gradients either way (up to rounding).
+    gradients either way (up to rounding); the custom function gives first-order gradients only (double backward,
+    e.g. a gradient penalty, needs ``memory_efficient=False`` on the operators).
     """
     B, H, N = x.shape[:3]
     M = x.shape[3] if key is None else key.shape[2]
