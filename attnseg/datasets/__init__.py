@@ -1,12 +1,13 @@
 """Datasets and transforms; importing this package registers every dataset in ``DATASETS``.
 
 Registered: ``synthetic2d``, ``synthetic3d`` (:mod:`.synthetic`), ``folder2d``, ``imagefolder``
-(:mod:`.folder2d`), ``decathlon`` (:mod:`.decathlon`, 3D NIfTI), ``nifti_folder`` (:mod:`.nifti_folder`, 3D NIfTI
-image/label folders), ``slices2d`` (:mod:`.slices2d`, 2D slices of a 3D dataset), ``landmarks`` and
-``synthetic_landmarks`` (:mod:`.landmarks`, images + contour landmarks of a template). Each is called as
-``factory(split=..., transform=..., **kwargs)`` and returns a dataset with ``num_classes``, ``class_names``,
-``in_chans``, ``spatial_dims``, ``task`` and ``ignore_index``. An item is a sample dict, or a list of sample
-dicts when a 3D random crop draws several per volume (``data.volume.crop.num_samples``).
+(:mod:`.folder2d`), ``fashion_mnist`` (:mod:`.fashion_mnist`, Fashion-MNIST's IDX files), ``decathlon``
+(:mod:`.decathlon`, 3D NIfTI), ``nifti_folder`` (:mod:`.nifti_folder`, 3D NIfTI image/label folders), ``slices2d``
+(:mod:`.slices2d`, 2D slices of a 3D dataset), ``landmarks`` and ``synthetic_landmarks`` (:mod:`.landmarks`, images +
+contour landmarks of a template). Each is called as ``factory(split=..., transform=..., **kwargs)`` and returns a
+dataset with ``num_classes``, ``class_names``, ``in_chans``, ``spatial_dims``, ``task`` and ``ignore_index``. An item
+is a sample dict, or a list of sample dicts when a 3D random crop draws several per volume
+(``data.volume.crop.num_samples``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,15 @@ from typing import Any
 
 import torch
 
-from attnseg.datasets import decathlon, folder2d, landmarks, nifti_folder, slices2d, synthetic  # noqa: F401  (registers them)
+from attnseg.datasets import (  # noqa: F401  (registers them)
+    decathlon,
+    fashion_mnist,
+    folder2d,
+    landmarks,
+    nifti_folder,
+    slices2d,
+    synthetic,
+)
 from attnseg.errors import DataError
 from attnseg.registry import DATASETS
 
