@@ -6,6 +6,8 @@ size-Y model computes on them (both resample with the same rule, one at load tim
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from timm.layers import resample_abs_pos_embed, resample_patch_embed
@@ -15,6 +17,8 @@ from attnseg.backbones.sparsifiner import resample_token_table
 from attnseg.backbones.sparsifiner import test_sparsifiner as sparsifiner_factory
 from attnseg.checkpoint import load_pretrained
 from attnseg.errors import CheckpointError
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _save(tmp_path, sd: dict[str, torch.Tensor], name: str = "w.pth"):
@@ -202,3 +206,21 @@ def test_karat_other_rank_still_raises(tmp_path):
     path = _save(tmp_path, karat_factory(num_classes=4).state_dict())  # rank 4
     with pytest.raises(CheckpointError, match=r"operator\.coefficients: \[2, 17, 4, 4\] vs \[2, 37, 4, 6\]"):
         load_pretrained(karat_factory(num_classes=4, img_size=96, rank=6), path)
+
+
+def test_deit_weights_into_the_sparsifiner_unetr_config(tmp_path):
+    """The shipped Segmentor config (DeiT-T at 96 px: 6x6 patches) takes 224-px DeiT-T weights through
+    ``model.backbone.pretrained``: pos_embed resampled under the ``backbone.`` prefix, the predictor and decoder new."""
+    import attnseg
+    from attnseg.backbones.sparsifiner import sparsifiner_deit_tiny
+
+    src = sparsifiner_deit_tiny(num_classes=1000, pyramid=False)
+    deit = {k: v for k, v in src.state_dict().items() if ".mask_predictor." not in k}
+    path = _save(tmp_path, {"model": deit}, "deit_tiny_patch16_224.pth")
+    cfg = attnseg.load_config(REPO / "configs" / "sparsifiner" / "sparsifiner_deit_tiny_unetr_synthetic2d.yaml")
+    model = attnseg.build_model(cfg)
+    report = load_pretrained(model, path, strict=False)
+    assert report.adapted == ["backbone.pos_embed: [1, 197, 192] -> [1, 37, 192] (by Sparsifiner)"]
+    torch.testing.assert_close(model.backbone.pos_embed.detach(),
+                               resample_abs_pos_embed(src.pos_embed.detach(), [6, 6], [14, 14]))
+    assert torch.equal(model.backbone.blocks[11].mlp.fc2.weight, src.blocks[11].mlp.fc2.weight)
