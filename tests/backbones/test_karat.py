@@ -347,6 +347,26 @@ def test_kan_phi_from_queries_and_keys_gradcheck_and_equals_plain_autograd(row_c
     assert torch.allclose(only_k, grads_plain[1], atol=1e-12)
 
 
+class _FourierWithoutMatrix(FourierBasis):
+    """The Fourier basis through the generic analytic-derivative path (no derivative matrix)."""
+
+    def derivative_matrix(self):
+        return None
+
+
+def test_fourier_derivative_matrix_and_the_generic_derivative_path():
+    basis = FourierBasis(3, zero_frequency=True)
+    x = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    feats, deriv = basis.features_and_derivative(x.detach())
+    autograd = torch.stack([torch.autograd.grad(basis(x)[..., f].sum(), x)[0] for f in range(8)], dim=-1)
+    assert torch.allclose(deriv, autograd, atol=1e-12)
+    assert torch.allclose(feats @ basis.derivative_matrix().double(), deriv, atol=1e-12)
+    generic = _FourierWithoutMatrix(2)
+    a = torch.randn(1, 2, 4, 3, dtype=torch.float64, requires_grad=True)
+    coeff = torch.randn(2, 3 * 4, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, c: kan_phi(a, c, generic, 3), (a, coeff))
+
+
 def test_kan_phi_stores_only_the_logits_and_coefficients():
     basis = FourierBasis(3)
     a = torch.randn(1, 2, 7, 7, requires_grad=True)
