@@ -32,10 +32,12 @@ Faithfulness and additions:
   autograd by gathering each query's keys and values (``"gather"``); ``"auto"`` (default) picks csr in CPU inference
   and the masked formulation with gradient (the fastest to train, see below) or on other devices (the CSR path has
   not been run on a GPU yet). The official code builds the dense ``N x N`` logits and masks them (``"masked"``, kept
-  as the reference); all agree to float rounding (tested). Candidly: at DeiT's N = 197 and keep 0.25 the
-  pure-PyTorch sparse kernels do not beat dense GEMMs on CPU (one layer's attention core, batch 16, 6 heads, 2
-  threads: dense SDPA 14 ms, SDPA with the boolean mask 19-22 ms, the official masked formulation 28-31 ms, csr
-  29-35 ms, gather several times slower); the FLOPs saved are real, a wall-clock gain needs a fused kernel.
+  as the reference); all agree to float rounding (tested). Candidly, on a CPU this saves FLOPs, not time
+  (``python tools/benchmark.py sparsifiner``, docs/benchmarks.md; DeiT-S, batch 32, 2 threads): the kept keys
+  cost 0.26x the dense core's FLOPs, but csr takes 47 ms per layer against dense SDPA's 20 ms, and the predictor
+  itself (its top-50-of-197 selection per query above all) takes 82 ms; the whole model runs at 0.66x dense
+  DeiT's images/s. No kernel can change the verdict there: the dense core is 12% of DeiT-S's time, so even free
+  sparse attention would give at most 1.14x.
 - :meth:`Sparsifiner.forward_official` returns the official ``forward``'s dict (logits ``'x'``, ``'features'`` and
   the per-layer ``basis_coef``, ``approx_attn``, ``attn_mask``, ``masked_attn``, ``unmasked_attn`` lists);
   ``attn_mask`` is boolean here (the official one is a 0/1 float tensor).
