@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -12,7 +13,8 @@ from torch import nn
 from attnseg.errors import InputSizeError
 
 __all__ = ["check_image_input", "reset_norm_linear_head", "init_linear_layernorm", "token_pyramid", "cls_token_head",
-           "check_isotropic_args", "square_token_grid", "adapt_vit_embedding"]
+           "check_isotropic_args", "square_token_grid", "adapt_vit_embedding", "IMAGENET_MEAN", "IMAGENET_STD",
+           "PRETRAINED_CFG_KEYS", "pretrained_cfg_factory"]
 
 
 def check_image_input(model: nn.Module, x: torch.Tensor) -> None:
@@ -132,3 +134,56 @@ def adapt_vit_embedding(key: str, value: torch.Tensor, target_shape: Sequence[in
         out = resample_patch_embed(value, list(target[2:])) if value.shape[2:] != target[2:] else value
         return adapt_input_conv(out, target[1]) if out.shape[1] != target[1] else out
     return None
+
+
+# -- pretrained configurations (``default_cfgs`` at the bottom of every family file) -----------------------------------
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+#: The keys every ``default_cfgs`` entry has. ``mean``/``std``/``input_size`` ``(C, H, W)`` (``(C, D, H, W)`` for 3D
+#: encoders)/``crop_pct``/``interpolation``/``num_classes``/``first_conv``/``classifier`` mean what they mean in timm's
+#: ``PretrainedCfg``; ``license`` is the licence of the official code and weights (``"unknown"`` when the official
+#: repository has no licence we could read), ``paper`` the arXiv id, ``origin`` the official code URL, and
+#: ``checkpoints`` the official file names attnseg's converter reads (proven on the parity fixtures, which have the
+#: official layout with random weights; the real files are never downloaded here). There is no ``url`` or
+#: ``hf_hub_id``: attnseg never downloads weights.
+PRETRAINED_CFG_KEYS = ("mean", "std", "input_size", "crop_pct", "interpolation", "num_classes", "first_conv",
+                       "classifier", "license", "paper", "origin", "checkpoints")
+
+
+def pretrained_cfg_factory(*, paper: str, origin: str, license: str, first_conv: str | None,
+                           classifier: str | None, **family_defaults: Any) -> Callable[..., dict[str, Any]]:
+    """A family's ``_cfg(**overrides) -> dict`` (timm's ``_cfg`` idiom): the family's paper, code, licence and layer
+    names, ImageNet-1k defaults (224 px, ``crop_pct`` 0.875, bicubic, ImageNet mean/std, 1000 classes, no
+    checkpoints) overridden by ``family_defaults`` and then by each variant's ``overrides``.
+
+    Raises:
+        TypeError: an override that is not one of :data:`PRETRAINED_CFG_KEYS` (a typo must not pass silently).
+
+    Example::
+
+        >>> _cfg = pretrained_cfg_factory(paper="2204.07143", origin="https://github.com/x/y", license="mit",
+        ...                               first_conv="stem", classifier="head")
+        >>> _cfg(input_size=(3, 384, 384), checkpoints=("y_384.pth",))["input_size"]
+        (3, 384, 384)
+    """
+    base: dict[str, Any] = dict(mean=IMAGENET_MEAN, std=IMAGENET_STD, input_size=(3, 224, 224), crop_pct=0.875,
+                                interpolation="bicubic", num_classes=1000, first_conv=first_conv,
+                                classifier=classifier, license=license, paper=paper, origin=origin, checkpoints=())
+
+    def check(keys: Any) -> None:
+        unknown = sorted(set(keys) - set(PRETRAINED_CFG_KEYS))
+        if unknown:
+            raise TypeError(f"unknown pretrained cfg keys {unknown}; known: {list(PRETRAINED_CFG_KEYS)}")
+
+    check(family_defaults)
+    base.update(family_defaults)
+
+    def _cfg(**overrides: Any) -> dict[str, Any]:
+        check(overrides)
+        cfg = {**base, **overrides}
+        cfg["checkpoints"] = tuple(cfg["checkpoints"])
+        return cfg
+
+    return _cfg

@@ -41,7 +41,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from attnseg.backbones._common import check_image_input, init_linear_layernorm, reset_norm_linear_head
+from attnseg.backbones._common import (
+    check_image_input,
+    init_linear_layernorm,
+    pretrained_cfg_factory,
+    reset_norm_linear_head,
+)
 from attnseg.layers import DropPath, LayerNorm2d, drop_path_rates
 from attnseg.ops.routing import prefers_masked_dense, region_masked_attention, region_routed_attention
 from attnseg.registry import BACKBONES
@@ -348,3 +353,14 @@ def test_biformer(**kwargs: Any) -> BiFormer:
     """A tiny BiFormer for CI (no published weights)."""
     return _create(dict(depth=(1, 1, 2, 1), embed_dim=(16, 32, 64, 128), qk_dims=(16, 32, 64, 128), head_dim=16),
                    kwargs)
+
+
+# -- pretrained configurations (rayleizhu/BiFormer) --------------------------------------------------------------------
+# Licence: MIT, as the official README states (its LICENSE file is not in our sources). Evaluation as DeiT's:
+# resize 256, centre crop 224, bicubic.
+_cfg = pretrained_cfg_factory(paper="2303.08810", origin="https://github.com/rayleizhu/BiFormer", license="mit",
+                              first_conv="downsample_layers.0.0", classifier="head")
+
+default_cfgs: dict[str, dict[str, Any]] = {
+    name: _cfg(checkpoints=(f"{name}_in1k.pth",)) for name in ("biformer_tiny", "biformer_small", "biformer_base")
+}

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from attnseg.backbones._common import check_image_input
+from attnseg.backbones._common import check_image_input, pretrained_cfg_factory
 from attnseg.layers import DropPath, drop_path_rates
 from attnseg.registry import BACKBONES, suggest
 
@@ -621,3 +621,24 @@ def test_halonet(**kwargs: Any) -> HaloNet:
         _stage("bottle", 1, 32, 1), _stage("bottle", 1, 64, 2), _stage(interleave(2), 2, 128, 2),
         _stage("self_attn", 1, 256, 2)), halo=dict(block_size=4, halo_size=1, num_heads=4))
     return HaloNet(cfg, **kwargs)
+
+
+# -- pretrained configurations (timm's weights, timm's data settings) --------------------------------------------------
+# HaloNet has no official code or weights; timm's are the reference (Apache-2.0). The paper rows H0-H7 have no weights
+# and take the paper's training sizes.
+_cfg = pretrained_cfg_factory(paper="2103.12731", origin="https://github.com/huggingface/pytorch-image-models",
+                              license="apache-2.0", first_conv="stem.conv1.conv", classifier="head.fc",
+                              input_size=(3, 256, 256), crop_pct=0.95)
+
+default_cfgs: dict[str, dict[str, Any]] = {
+    "halonet_h1": _cfg(),
+    "halonet26t": _cfg(checkpoints=("halonet26t_a1h_256-3083328c.pth",)),
+    "sehalonet33ts": _cfg(crop_pct=0.94, checkpoints=("sehalonet33ts_256-87e053f9.pth",)),
+    "halonet50ts": _cfg(crop_pct=0.94, checkpoints=("halonet50ts_a1h2_256-f3a3daee.pth",)),
+    "eca_halonext26ts": _cfg(crop_pct=0.94, checkpoints=("eca_halonext26ts_c_256-06906299.pth",)),
+    "haloregnetz_b": _cfg(input_size=(3, 224, 224), crop_pct=0.94, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+                          first_conv="stem.conv", checkpoints=("haloregnetz_c_raa_256-c8ad7616.pth",)),
+    **{name: _cfg(input_size=(3, size, size)) for name, size in (
+        ("halonet_h0", 256), ("halonet_h2", 256), ("halonet_h3", 320), ("halonet_h4", 384), ("halonet_h5", 448),
+        ("halonet_h6", 512), ("halonet_h7", 600))},
+}

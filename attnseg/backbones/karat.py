@@ -79,6 +79,7 @@ from attnseg.backbones._common import (
     check_isotropic_args,
     cls_token_head,
     init_linear_layernorm,
+    pretrained_cfg_factory,
     reset_norm_linear_head,
     square_token_grid,
     token_pyramid,
@@ -705,3 +706,13 @@ def karat_vit_base(**kwargs: Any) -> KArAtViT:
 def test_karat(**kwargs: Any) -> KArAtViT:
     """A tiny KArAt ViT for CI (64 px, 4x4 patches of 16; no published weights)."""
     return _create(dict(img_size=64, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0, rank=4, order=2), kwargs)
+
+
+# -- pretrained configurations (MaitySubhajit/KArAt: project page only) ------------------------------------------------
+# No official code, weights or licence exist (the repository holds the project page); data settings are DeiT's.
+_cfg = pretrained_cfg_factory(paper="2503.10632", origin="https://github.com/MaitySubhajit/KArAt", license="unknown",
+                              first_conv="patch_embed.proj", classifier="head")
+
+default_cfgs: dict[str, dict[str, Any]] = {
+    name: _cfg() for name in ("karat_vit_tiny", "karat_vit_small", "karat_vit_base")
+}

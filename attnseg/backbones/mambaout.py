@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from attnseg.backbones._common import check_image_input
+from attnseg.backbones._common import check_image_input, pretrained_cfg_factory
 from attnseg.layers import DropPath, drop_path_rates
 from attnseg.registry import BACKBONES
 
@@ -397,3 +397,15 @@ def mambaout_base(**kwargs: Any) -> MambaOut:
 def test_mambaout(**kwargs: Any) -> MambaOut:
     """A tiny MambaOut for CI (no published weights)."""
     return _create_mambaout(dict(depths=(1, 1, 1, 1), dims=(16, 24, 32, 48)), kwargs)
+
+
+# -- pretrained configurations (yuweihao/MambaOut; settings as timm's) -------------------------------------------------
+# Licence: Apache-2.0 as timm's pretrained_cfg for these same weights says (the official LICENSE file is not in our
+# sources). crop_pct 1.0 (timm and the official _cfg; timm also evaluates at 288).
+_cfg = pretrained_cfg_factory(paper="2405.07992", origin="https://github.com/yuweihao/MambaOut", license="apache-2.0",
+                              first_conv="stem.conv1", classifier="head.fc", crop_pct=1.0)
+
+default_cfgs: dict[str, dict[str, Any]] = {
+    f"mambaout_{size}": _cfg(checkpoints=(f"mambaout_{size}.pth",))
+    for size in ("femto", "kobe", "tiny", "small", "base")
+}

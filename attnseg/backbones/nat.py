@@ -52,6 +52,7 @@ from attnseg.backbones._common import (
     check_image_input,
     check_isotropic_args,
     init_linear_layernorm,
+    pretrained_cfg_factory,
     reset_norm_linear_head,
 )
 from attnseg.layers import (
@@ -744,3 +745,34 @@ def test_nat_isotropic(**kwargs: Any) -> NATIsotropic:
     """A tiny isotropic DiNAT for CI (no published weights)."""
     return _create(NATIsotropic, dict(embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0, kernel_size=7, dilation=2,
                                       drop_path_rate=0.0), kwargs)
+
+
+# -- pretrained configurations (SHI-Labs/Neighborhood-Attention-Transformer, MIT) --------------------------------------
+# NAT 2204.07143, DiNAT 2209.15001. File names from the official NAT.md / DiNAT.md. The official training and
+# validation scripts are timm's with no data settings of their own: timm's defaults (crop 0.875, bicubic), and no
+# crop at 384.
+_ORIGIN = "https://github.com/SHI-Labs/Neighborhood-Attention-Transformer"
+_nat = pretrained_cfg_factory(paper="2204.07143", origin=_ORIGIN, license="mit", first_conv="patch_embed.proj.0",
+                              classifier="head")
+_dinat = pretrained_cfg_factory(paper="2209.15001", origin=_ORIGIN, license="mit", first_conv="patch_embed.proj.0",
+                                classifier="head")
+_dinat_s = pretrained_cfg_factory(paper="2209.15001", origin=_ORIGIN, license="mit", first_conv="patch_embed.proj",
+                                  classifier="head")
+_384 = dict(input_size=(3, 384, 384), crop_pct=1.0)
+
+default_cfgs: dict[str, dict[str, Any]] = {
+    **{f"nat_{size}": _nat(checkpoints=(f"nat_{size}.pth",)) for size in ("mini", "tiny", "small", "base")},
+    **{f"dinat_{size}": _dinat(checkpoints=(f"dinat_{size}_in1k_224.pth",))
+       for size in ("mini", "tiny", "small", "base")},
+    "dinat_large": _dinat(checkpoints=("dinat_large_in22k_in1k_224.pth",)),
+    "dinat_large_384": _dinat(**_384, checkpoints=("dinat_large_in22k_in1k_384.pth",)),
+    "dinat_large_384_11x11": _dinat(**_384, checkpoints=("dinat_large_in22k_in1k_384_11x11.pth",)),
+    "dinat_large_21k": _dinat(num_classes=21841, checkpoints=("dinat_large_in22k_224.pth",)),
+    "dinat_large_21k_11x11": _dinat(num_classes=21841, checkpoints=("dinat_large_in22k_224_11x11interp.pth",)),
+    **{f"dinat_s_{size}": _dinat_s(checkpoints=(f"dinat_s_{size}_1k_224.pth",)) for size in ("tiny", "small", "base")},
+    "dinat_s_large": _dinat_s(checkpoints=("dinat_s_large_1k_224.pth",)),
+    "dinat_s_large_384": _dinat_s(**_384, checkpoints=("dinat_s_large_1k_384.pth",)),
+    "dinat_s_large_21k": _dinat_s(num_classes=21841, checkpoints=("dinat_s_large_in22k_224.pth",)),
+    **{f"{kind}_{size}": _dinat_s(checkpoints=(f"{kind}_{size}_in1k_224.pth",))
+       for kind in ("vitrpb", "nat_isotropic", "dinat_isotropic") for size in ("small", "base")},
+}

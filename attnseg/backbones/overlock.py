@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from attnseg.backbones._common import check_image_input
+from attnseg.backbones._common import check_image_input, pretrained_cfg_factory
 from attnseg.layers import DropPath, LayerNorm2d, drop_path_rates
 from attnseg.ops import na2d_av
 from attnseg.ops.windows import rpb_table, window_table
@@ -816,3 +816,16 @@ def test_overlock(**kwargs: Any) -> OverLoCK:
     """A tiny OverLoCK for CI (the parity fixtures' configuration; no published weights)."""
     return _create(dict(depth=(1, 1, 2, 1), sub_depth=(2, 2), embed_dim=(16, 24, 32, 64), sub_num_heads=(2, 2),
                         projection=64), kwargs)
+
+
+# -- pretrained configurations (LMMMEng/OverLoCK) ----------------------------------------------------------------------
+# Licence unknown: the official repository has no LICENSE file in our sources and its README names none. The official
+# data settings (models/overlock.py) are not in our sources either: crop_pct is timm's default.
+_cfg = pretrained_cfg_factory(paper="2502.20087", origin="https://github.com/LMMMEng/OverLoCK", license="unknown",
+                              first_conv="patch_embed1.0", classifier="head.4")
+
+default_cfgs: dict[str, dict[str, Any]] = {
+    **{f"overlock_{size}": _cfg(checkpoints=(f"overlock_{size}_in1k_224.pth",)) for size in ("xt", "t", "s", "b")},
+    **{f"overlock_{size}_reparam": _cfg(checkpoints=(f"overlock_{size}_in1k_224_reparam.pth",))
+       for size in ("xt", "t", "s", "b")},
+}

@@ -31,7 +31,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from torchvision.models import resnet as tv_resnet
 
-from attnseg.backbones._common import check_image_input
+from attnseg.backbones._common import check_image_input, pretrained_cfg_factory
 from attnseg.registry import BACKBONES
 
 __all__ = ["ResNet", "resnet18", "resnet34", "resnet50", "resnet101", "resnext50_32x4d", "resnext101_32x8d"]
@@ -202,3 +202,18 @@ def resnext101_32x8d(**kwargs: Any) -> ResNet:
 def test_resnet(**kwargs: Any) -> ResNet:
     """A one-block-per-stage ResNet for CI (no published weights)."""
     return ResNet("test_resnet", **kwargs)
+
+
+# -- pretrained configurations (torchvision's ImageNet weights) --------------------------------------------------------
+# torchvision's V1 files (BSD-3-Clause): resize 256, centre crop 224, bilinear.
+_cfg = pretrained_cfg_factory(paper="1512.03385", origin="https://github.com/pytorch/vision", license="bsd-3-clause",
+                              first_conv="conv1", classifier="fc", interpolation="bilinear")
+
+default_cfgs: dict[str, dict[str, Any]] = {
+    "resnet18": _cfg(checkpoints=("resnet18-f37072fd.pth",)),
+    "resnet34": _cfg(checkpoints=("resnet34-b627a593.pth",)),
+    "resnet50": _cfg(checkpoints=("resnet50-0676ba61.pth",)),
+    "resnet101": _cfg(checkpoints=("resnet101-63fe2227.pth",)),
+    "resnext50_32x4d": _cfg(paper="1611.05431", checkpoints=("resnext50_32x4d-7cdf4587.pth",)),
+    "resnext101_32x8d": _cfg(paper="1611.05431", checkpoints=("resnext101_32x8d-8ba56ff5.pth",)),
+}

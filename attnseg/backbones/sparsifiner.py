@@ -74,6 +74,7 @@ from attnseg.backbones._common import (
     check_isotropic_args,
     cls_token_head,
     init_linear_layernorm,
+    pretrained_cfg_factory,
     reset_norm_linear_head,
     square_token_grid,
     token_pyramid,
@@ -580,3 +581,17 @@ def test_sparsifiner(**kwargs: Any) -> Sparsifiner:
     """A tiny Sparsifiner for CI (no published weights): 64 px training size (17 tokens, K=4, top-2)."""
     return _create(dict(img_size=64, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0, reduce_n_factor=4,
                         coef_topk=2), kwargs)
+
+
+# -- pretrained configurations (lim142857/Sparsifiner) -----------------------------------------------------------------
+# Licence unknown: the official repository has no LICENSE file in our sources. No Sparsifiner weights were published;
+# the checkpoints listed are the DeiT files it starts from (facebookresearch/deit, Apache-2.0), which load with the
+# mask predictors reported missing. DeiT's evaluation: resize 256, centre crop 224, bicubic.
+_cfg = pretrained_cfg_factory(paper="2303.13755", origin="https://github.com/lim142857/Sparsifiner", license="unknown",
+                              first_conv="patch_embed.proj", classifier="head")
+
+default_cfgs: dict[str, dict[str, Any]] = {
+    "sparsifiner_deit_tiny": _cfg(checkpoints=("deit_tiny_patch16_224-a1311bcf.pth",)),
+    "sparsifiner_deit_small": _cfg(checkpoints=("deit_small_patch16_224-cd65a155.pth",)),
+    "sparsifiner_deit_base": _cfg(checkpoints=("deit_base_patch16_224-b5f2ef4d.pth",)),
+}

@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from attnseg.backbones._common import check_image_input, init_linear_layernorm
+from attnseg.backbones._common import check_image_input, init_linear_layernorm, pretrained_cfg_factory
 from attnseg.layers import DropPath, drop_path_rates
 from attnseg.ops import na2d_av, na2d_qk
 from attnseg.registry import BACKBONES
@@ -602,3 +602,20 @@ def test_transnext(**kwargs: Any) -> TransNeXt:
     """A tiny TransNeXt for CI (no published weights)."""
     return _create_transnext(dict(depths=(1, 1, 1, 1), embed_dims=(16, 32, 48, 64), num_heads=(2, 2, 2, 4),
                                   mlp_ratios=(4, 4, 4, 4), img_size=64), kwargs)
+
+
+# -- pretrained configurations (DaiShiResearch/TransNeXt, MIT) ---------------------------------------------------------
+# Evaluation as in the official classification/datasets.py: below 384 resize by 256/224 and centre-crop, at 384 warp
+# (no crop), bicubic, ImageNet mean/std.
+_cfg = pretrained_cfg_factory(paper="2311.17132", origin="https://github.com/DaiShiResearch/TransNeXt", license="mit",
+                              first_conv="patch_embed1.proj", classifier="head")
+
+default_cfgs: dict[str, dict[str, Any]] = {
+    **{f"transnext_{size}": _cfg(checkpoints=(f"transnext_{size}_224_1k.pth",))
+       for size in ("micro", "tiny", "small", "base")},
+    "transnext_micro_aaaa": _cfg(input_size=(3, 256, 256), checkpoints=("transnext_micro_AAAA_256_1k.pth",)),
+    "transnext_small_384": _cfg(input_size=(3, 384, 384), crop_pct=1.0,
+                                checkpoints=("transnext_small_384_1k_ft_1k.pth",)),
+    "transnext_base_384": _cfg(input_size=(3, 384, 384), crop_pct=1.0,
+                               checkpoints=("transnext_base_384_1k_ft_1k.pth",)),
+}

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from attnseg.backbones._common import init_linear_layernorm
+from attnseg.backbones._common import init_linear_layernorm, pretrained_cfg_factory
 from attnseg.errors import InputSizeError
 from attnseg.heads.att_swin_unet import AttSwinUNetHead, swin_layer
 from attnseg.layers.drop import drop_path_rates
@@ -241,3 +241,12 @@ def swin_unet_encoder_tiny(**kwargs: Any) -> SwinUnetEncoder:
 def test_swin_unet_encoder(**kwargs: Any) -> SwinUnetEncoder:
     """The parity fixture's reduced encoder for CI (embed 8, heads 1-2-4-8, window 7)."""
     return SwinUnetEncoder(**{**_VARIANTS["test"], **kwargs})
+
+
+# -- pretrained configurations (NITR098/AttSwinUNet) -------------------------------------------------------------------
+# Licence unknown: the official repository has no LICENSE file in our sources. Its checkpoints are whole Att-SwinU-Nets
+# (they load into the ``att_swin_unet`` model, not this encoder alone). Fixed 224 input, ImageNet normalisation.
+_cfg = pretrained_cfg_factory(paper="2210.16898", origin="https://github.com/NITR098/AttSwinUNet", license="unknown",
+                              first_conv="patch_embed.proj", classifier=None, num_classes=0, crop_pct=1.0)
+
+default_cfgs: dict[str, dict[str, Any]] = {"swin_unet_encoder_tiny": _cfg()}

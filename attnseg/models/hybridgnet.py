@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from attnseg.backbones._common import pretrained_cfg_factory
 from attnseg.errors import InputSizeError
 from attnseg.heads.hybridgnet import HybridGNetHead
 from attnseg.models.segmentor import Segmentor
@@ -182,3 +183,13 @@ def test_hybridgnet_2igsc(in_chans: int = 1, num_classes: int | None = None, **k
 def hybridgnet_encoder(**kwargs: Any) -> HybridGNetEncoder:
     """HybridGNet's residual encoder (widths 8..128, BatchNorm with batch statistics), strides 4..32 by default."""
     return HybridGNetEncoder(**kwargs)
+
+
+# -- pretrained configurations (ngaggion/HybridGNet) -------------------------------------------------------------------
+# Licence unknown: the official repository has no LICENSE file in our sources. Chest X-rays at 1024 x 1024, one
+# channel in [0, 1]; the official checkpoints are whole HybridGNets (they load into the ``hybridgnet`` model).
+_cfg = pretrained_cfg_factory(paper="2203.10977", origin="https://github.com/ngaggion/HybridGNet", license="unknown",
+                              first_conv="layers.0.block.2", classifier=None, num_classes=0, mean=(0.0,), std=(1.0,),
+                              input_size=(1, 1024, 1024), crop_pct=1.0, interpolation="bilinear")
+
+default_cfgs: dict[str, dict[str, Any]] = {"hybridgnet_encoder": _cfg()}

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from attnseg.backbones._common import init_linear_layernorm
+from attnseg.backbones._common import init_linear_layernorm, pretrained_cfg_factory
 from attnseg.errors import InputSizeError
 from attnseg.heads.unetr import UNETRHead
 from attnseg.layers.dims import NormSpec
@@ -295,3 +295,18 @@ def swinvit_base(**kwargs: Any) -> SwinViT:
 def test_swinvit(**kwargs: Any) -> SwinViT:
     """A tiny encoder for CI: feature_size 12, one block per stage, window 4."""
     return SwinViT(**{"feature_size": 12, "depths": (1, 1, 1, 1), "window_size": 4, **kwargs})
+
+
+# -- pretrained configurations (Project-MONAI/research-contributions, Apache-2.0) --------------------------------------
+# CT intensities scaled to [0, 1] by the pipeline (no mean/std), 96^3 training crops, one input channel. The
+# self-supervised encoder file (feature_size 48) loads into swinvit_base; the BTCV/BraTS files are whole Swin UNETRs.
+_cfg = pretrained_cfg_factory(paper="2201.01266", origin="https://github.com/Project-MONAI/research-contributions",
+                              license="apache-2.0", first_conv="patch_embed.proj", classifier=None, num_classes=0,
+                              mean=(0.0,), std=(1.0,), input_size=(1, 96, 96, 96), crop_pct=1.0,
+                              interpolation="trilinear")
+
+default_cfgs: dict[str, dict[str, Any]] = {
+    "swinvit_tiny": _cfg(),
+    "swinvit_small": _cfg(),
+    "swinvit_base": _cfg(paper="2111.14791", checkpoints=("model_swinvit.pt",)),
+}
