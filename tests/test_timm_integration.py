@@ -170,6 +170,14 @@ def test_pretrained_file_goes_through_the_converter(official_mambaout):
     with torch.no_grad():
         torch.testing.assert_close(model(fx["input"]), fx["output"], **fx["tolerance"])
 
+    # another in_chans: the cfg's first conv is adapted (summed over the 3 channels for 1, as timm does)
+    gray = timm.create_model("attnseg_mambaout_femto", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
+                             num_classes=10, in_chans=1, **MAMBAOUT_ARGS).eval()
+    assert gray.pretrained_report.adapted == ["stem.conv1.weight: 3 -> 1 input channels"]
+    x = fx["input"][:, :1]
+    with torch.no_grad():
+        torch.testing.assert_close(gray(x), model(x.expand(-1, 3, -1, -1)), atol=1e-5, rtol=1e-5)
+
 
 def test_pretrained_cfg_dict_applies_over_the_registered_cfg_and_drops_another_classifier(official_mambaout):
     fx, path = official_mambaout

@@ -16,7 +16,8 @@ prefix keeps timm's own names untouched, and a name timm already knows is never 
   ``pretrained_cfg_overlay=dict(file=PATH)`` (or ``pretrained_cfg=dict(file=PATH)``, which attnseg also applies
   over the registered configuration, so the data settings stay). The file goes through
   :func:`attnseg.load_pretrained`: official layouts are converted, the classifier of a checkpoint with another
-  class count (or of a ``features_only`` model) is dropped, and the :class:`~attnseg.checkpoint.LoadReport` is
+  class count (or of a ``features_only`` model) is dropped, the ``first_conv`` weight is adapted to another
+  ``in_chans`` (summed or repeated and scaled, as timm does), and the :class:`~attnseg.checkpoint.LoadReport` is
   kept as ``model.pretrained_report`` and logged. ``pretrained_strict=False`` reports missing or unexpected keys
   instead of raising. ``pretrained=True`` without a file raises :class:`ValueError`: attnseg never downloads.
 
@@ -120,6 +121,9 @@ def _entrypoint(name: str) -> Callable[..., nn.Module]:
         model = BACKBONES.get(name)(**kwargs)
         model.pretrained_cfg = model.default_cfg = cfg  # default_cfg: timm's alias of the same object
         if pretrained:  # before wrapping: the checkpoint's keys are the backbone's
+            if not getattr(model, "input_conv_keys", None) and cfg.get("first_conv"):
+                # as timm does: the cfg's first conv may come from a checkpoint with another in_chans
+                model.input_conv_keys = (f"{cfg['first_conv']}.weight",)
             _load_local(model, timm_name, cfg, pretrained_strict)
         if not features_only:
             return model
