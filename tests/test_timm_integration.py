@@ -247,3 +247,20 @@ def test_docstring_examples_run():
     for module in (attnseg.integrations.timm, attnseg.backbones, attnseg.backbones._common):
         result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
         assert result.attempted >= 1 and result.failed == 0, module.__name__
+
+
+@pytest.mark.parametrize("name,source,kwargs", [
+    ("sparsifiner_deit_tiny", "test_sparsifiner", dict(img_size=64, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0,
+                                                       reduce_n_factor=4, coef_topk=2)),
+    ("dinat_mini", "test_nat", dict(embed_dim=16, depths=(1, 2, 1, 1), num_heads=(1, 2, 4, 8), mlp_ratio=2.0,
+                                    dilations=[[1], [1, 2], [2], [1]], layer_scale=1e-5)),
+])
+def test_features_only_loads_a_classification_checkpoint_strictly(tmp_path, name, source, kwargs):
+    from attnseg.registry import BACKBONES
+
+    torch.save(BACKBONES.get(source)().state_dict(), tmp_path / "cls.pth")  # with its final norm and classifier
+    model = timm.create_model(f"attnseg_{name}", pretrained=True, features_only=True,
+                              pretrained_cfg_overlay=dict(file=str(tmp_path / "cls.pth")), **kwargs)
+    report = model.backbone.pretrained_report
+    assert sorted(report.dropped) == ["head.bias", "head.weight", "norm.bias", "norm.weight"]
+    assert not report.missing and not report.unexpected

@@ -356,7 +356,7 @@ class Sparsifiner(nn.Module):
     """
 
     family = "sparsifiner"
-    head_key_prefixes = ("head.",)
+    head_key_prefixes = ("head.", "norm.")  # num_classes=0 has neither (cls_token_head reads both)
 
     def __init__(self, in_chans: int = 3, num_classes: int = 1000, img_size: int = 224, patch_size: int = 16,
                  embed_dim: int = 384, depth: int = 12, num_heads: int = 6, mlp_ratio: float = 4.0,
