@@ -108,18 +108,16 @@ def test_cfg_factory_refuses_unknown_keys():
         cfg(crop=0.9)
 
 
-# first_conv / classifier name real modules of the right width: one model per family and layout
-@pytest.mark.parametrize("name", [
-    "mambaout_femto", "resnet18", "haloregnetz_b", "halonet26t", "biformer_tiny", "transnext_micro", "overlock_xt",
-    "sparsifiner_deit_tiny", "karat_vit_tiny", "nat_mini", "dinat_s_tiny", "nat_isotropic_small", "swinvit_tiny",
-    "hybridgnet_encoder", "swin_unet_encoder_tiny",
-])
-def test_cfg_layer_names_match_the_model(name):
-    model = timm.create_model(f"attnseg_{name}")
-    cfg, sd = model.pretrained_cfg, model.state_dict()
-    assert sd[cfg["first_conv"] + ".weight"].shape[1] == cfg["input_size"][0]
-    if cfg.get("classifier"):  # the encoders (num_classes 0) have none
-        assert sd[cfg["classifier"] + ".weight"].shape[0] == cfg["num_classes"] == model.num_classes
+def test_cfg_layer_names_match_every_model():
+    """first_conv / classifier name real layers of the right widths, for every registered model (built on the meta
+    device: shapes without memory or init time)."""
+    for name in _timm_names():
+        with torch.device("meta"):
+            model = timm.create_model(name)
+        cfg, sd = model.pretrained_cfg, model.state_dict()
+        assert sd[cfg["first_conv"] + ".weight"].shape[1] == cfg["input_size"][0], name
+        if cfg.get("classifier"):  # the encoders (num_classes 0) have none
+            assert sd[cfg["classifier"] + ".weight"].shape[0] == cfg["num_classes"] == model.num_classes, name
 
 
 @pytest.mark.parametrize("name,expected", [
