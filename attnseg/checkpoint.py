@@ -3,7 +3,8 @@
 :func:`load_pretrained` accepts attnseg and Lightning checkpoints, official research-repo files and
 timm/mm-style files:
 
-1. Read: ``.safetensors`` with ``safetensors.torch.load_file``; anything else (``.pth``, ``.pt``,
+1. Read: ``.safetensors`` with ``safetensors.torch.load_file`` (a folder in attnseg's own format,
+   :mod:`attnseg.model_files`, is read through its ``model.safetensors``); anything else (``.pth``, ``.pt``,
    ``.ckpt``, ``.bin``) with ``torch.load(map_location='cpu', weights_only=True)``. A pickle that needs
    code execution is refused (:class:`~attnseg.errors.CheckpointError`), and nothing in it runs.
 2. Unwrap ``{'state_dict_ema'|'model_ema'|'state_dict'|'model'|'module'|'model_weights': ...}`` (nested up to 3
@@ -111,6 +112,10 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             state_dict.
     """
     path = Path(path)
+    if path.is_dir():  # attnseg's own format: a folder with model.safetensors + config.json (attnseg.model_files)
+        from attnseg.model_files import resolve_model_files
+
+        path = resolve_model_files(path)[0]
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
@@ -253,7 +258,8 @@ def load_pretrained(
 
     Args:
         model: the module to load into (a backbone, a Segmentor or a Classifier).
-        path: ``.pth``/``.pt``/``.ckpt``/``.bin`` (read with ``weights_only=True``) or ``.safetensors``.
+        path: ``.pth``/``.pt``/``.ckpt``/``.bin`` (read with ``weights_only=True``), ``.safetensors``, or a model
+            folder in attnseg's own format (``model.safetensors`` + ``config.json``).
         strict: raise on missing or unexpected keys; with ``False`` they are only reported. Shape
             mismatches and checkpoints of another model always raise; classifier keys of another class
             count are dropped and reported either way.

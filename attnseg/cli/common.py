@@ -12,11 +12,13 @@ from attnseg.errors import AttnsegError
 __all__ = ["add_config_args", "run_main"]
 
 
-def add_config_args(parser: argparse.ArgumentParser, *, positional: bool = True) -> None:
+def add_config_args(parser: argparse.ArgumentParser, *, positional: bool = True, required: bool = True,
+                    help: str = "experiment config (YAML)") -> None:
+    """``config`` (positional) or ``--config`` (``required`` or not), and the repeatable ``--set KEY=VALUE``."""
     if positional:
-        parser.add_argument("config", help="experiment config (YAML)")
+        parser.add_argument("config", help=help)
     else:
-        parser.add_argument("--config", required=True, help="experiment config (YAML)")
+        parser.add_argument("--config", required=required, default=None, help=help)
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override a config key, e.g. --set model.head.feature_size=24 (value parsed as YAML; repeatable)",

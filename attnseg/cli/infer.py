@@ -135,7 +135,13 @@ def _group_modalities(files: list[Path], in_chans: int, folder: Path) -> list[tu
 
 
 def _checkpoint_label_values(checkpoint: str) -> list[int] | None:
-    """The stored label value of each class, as the training checkpoint recorded them (None if it did not)."""
+    """The stored label value of each class, as the training checkpoint (or the model's ``config.json``) recorded
+    them (None if it did not)."""
+    from attnseg.model_files import is_model_path, read_model_info
+
+    if is_model_path(checkpoint):
+        values = read_model_info(checkpoint).label_values
+        return [int(v) for v in values] if values else None
     if not str(checkpoint).endswith(".ckpt"):
         return None
     try:
@@ -192,8 +198,12 @@ def _infer_volumes(args: argparse.Namespace, cfg: Any, model: torch.nn.Module,
 def _main(argv: Sequence[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="attnseg-infer", description="Segment images (2D configs) or volumes "
                                                                        "(3D configs: NIfTI or DICOM in, NIfTI out).")
-    add_config_args(parser, positional=False)
-    parser.add_argument("--checkpoint", required=True, help="training checkpoint (.ckpt) or model weights")
+    add_config_args(parser, positional=False, required=False,
+                    help="experiment config (YAML); optional with a model saved in attnseg's format (its config.json "
+                         "records the experiment)")
+    parser.add_argument("--checkpoint", required=True, help="training checkpoint (.ckpt), model weights, or a model "
+                                                            "in attnseg's format (folder with model.safetensors + "
+                                                            "config.json)")
     parser.add_argument("inputs", nargs="+", help="image files or folders; for 3D: NIfTI files, DICOM series "
                                                   "folders or .dcm files, folders of NIfTI files, .txt lists")
     parser.add_argument("--out", required=True, help="output folder")
@@ -224,21 +234,41 @@ def _main(argv: Sequence[str] | None) -> int:
         raise ConfigError(f"--sw-batch-size must be >= 1, got {args.sw_batch_size}")
 
     from attnseg.checkpoint import load_pretrained
-    from attnseg.config import load_config
     from attnseg.models.builder import build_model
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = _inference_config(args.config, args.checkpoint, args.overrides)
     if cfg.task != "segmentation":
-        raise ConfigError(f"attnseg-infer handles segmentation configs; {args.config} has task: {cfg.task}")
+        raise ConfigError(f"attnseg-infer handles segmentation configs; {args.config or args.checkpoint} has task: "
+                          f"{cfg.task}")
     # Inputs are expanded (and bad ones refused) before the model is built.
     volumes = expand_volume_inputs(args.inputs, cfg.model.in_chans) if cfg.model.spatial_dims == 3 else None
     images = expand_inputs(args.inputs) if volumes is None else None
     model = build_model(cfg)
-    load_pretrained(model, args.checkpoint)
+    report = load_pretrained(model, args.checkpoint)
+    print(f"loaded {args.checkpoint}: {report}")
     model.eval().to(args.device)
     if volumes is not None:
         return _infer_volumes(args, cfg, model, volumes)
     return _infer_images(args, cfg, model, images)
+
+
+def _inference_config(config: str | None, checkpoint: str, overrides: Sequence[str]) -> Any:
+    """The ``--config`` file, else the experiment config a model in attnseg's format records (``--set`` applied)."""
+    from attnseg.config import ExperimentConfig, apply_overrides, load_config
+    from attnseg.model_files import is_model_path, read_model_info
+
+    if config is not None:
+        return load_config(config, overrides)
+    info = read_model_info(checkpoint) if is_model_path(checkpoint) else None
+    if info is None or info.experiment is None:
+        raise ConfigError(f"--config is needed: {checkpoint} is not a model in attnseg's format that records its "
+                          "experiment config (a folder with model.safetensors + config.json)")
+    from pydantic import ValidationError
+
+    try:
+        return ExperimentConfig.model_validate(apply_overrides(info.experiment, overrides))
+    except ValidationError as e:
+        raise ConfigError(f"the config recorded in {checkpoint} with --set {list(overrides)}: {e}") from None
 
 
 def _infer_images(args: argparse.Namespace, cfg: Any, model: torch.nn.Module, files: list[Path]) -> int:

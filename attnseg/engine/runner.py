@@ -259,8 +259,10 @@ def train(cfg: ExperimentConfig, *, resume: bool = False, work_dir: Path | None 
     When the run logs to CSV, ``<work_dir>/curves.png`` plots its loss and metric curves at the end.
 
     Returns:
-        ``{"work_dir", "best_checkpoint", "last_checkpoint", "metrics", "global_step", "curves"}`` (metrics: last
-        logged values; curves: the PNG's path or None).
+        ``{"work_dir", "best_checkpoint", "last_checkpoint", "model", "metrics", "global_step", "curves"}``
+        (model: the folder holding ``model.safetensors`` + ``config.json`` of the best checkpoint, else the last,
+        in attnseg's own format (:mod:`attnseg.model_files`), or None; metrics: last logged values; curves: the
+        PNG's path or None).
     """
     work_dir = Path(work_dir) if work_dir is not None else work_dir_for(cfg)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -292,14 +294,38 @@ def train(cfg: ExperimentConfig, *, resume: bool = False, work_dir: Path | None 
                 ckpt_path=ckpt_path, weights_only=True)
     curves = _plot_curves(work_dir)
     ckpt_cb = trainer.checkpoint_callback
+    best = getattr(ckpt_cb, "best_model_path", None)
+    last = getattr(ckpt_cb, "last_model_path", None) or str(ckpt_dir / "last.ckpt")
+    exported = _export_model(best or last, ckpt_dir) if trainer.is_global_zero else None
     return {
         "work_dir": str(work_dir),
-        "best_checkpoint": getattr(ckpt_cb, "best_model_path", None),
-        "last_checkpoint": getattr(ckpt_cb, "last_model_path", None) or str(ckpt_dir / "last.ckpt"),
+        "best_checkpoint": best,
+        "last_checkpoint": last,
+        "model": str(exported) if exported else None,
         "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
         "global_step": trainer.global_step,
         "curves": str(curves) if curves else None,
     }
+
+
+def _export_model(checkpoint: str, folder: Path) -> Path | None:
+    """``model.safetensors`` + ``config.json`` (attnseg's own format) of ``checkpoint`` in ``folder``.
+
+    Like the curves, a failure is logged, not raised: the training checkpoints stay, and
+    ``tools/convert.py CKPT --out DIR`` exports them later.
+    """
+    import logging
+
+    from attnseg.model_files import export_checkpoint
+
+    if not checkpoint or not Path(checkpoint).is_file():
+        return None
+    try:
+        return export_checkpoint(checkpoint, folder)
+    except Exception as e:  # noqa: BLE001 - see the docstring
+        logging.getLogger(__name__).warning("could not export %s to %s: %s: %s", checkpoint, folder,
+                                            type(e).__name__, e)
+        return None
 
 
 def _plot_curves(work_dir: Path) -> Path | None:
