@@ -252,3 +252,27 @@ def test_failed_save_keeps_the_old_file_and_no_temporary(tmp_path):
         save_state_dict_atomic({"a": lambda: 0}, tmp_path / "w.pth")
     assert os.listdir(tmp_path) == ["w.pth"]
     assert torch.load(tmp_path / "w.pth", weights_only=True)["a"].sum() == 2
+
+
+class _Config:
+    """A plain custom class an official trainer pickles beside its weights (e.g. an argparse-like namespace)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __setstate__(self, state):
+        open(state["marker"], "w").close()  # would run when unpickled with weights_only=False
+        self.__dict__.update(state)
+
+
+def test_objects_of_custom_classes_are_refused_naming_the_class(tmp_path):
+    marker = tmp_path / "ran"
+    torch.save({"state_dict": _model().state_dict(), "args": _Config(str(marker))}, tmp_path / "args.pth")
+    torch.save(_model(), tmp_path / "whole_module.pth")  # torch.save(model): the module object itself
+    for name, cls in (("args.pth", "_Config"), ("whole_module.pth", "MambaOut")):
+        with pytest.raises(CheckpointError, match=rf"refused to load .*{name}: the safe \(weights_only=True\) "
+                                                  rf"unpickler cannot read it \(.*{cls}.*\)\. Files whose objects "
+                                                  r"need code execution to unpickle are refused; re-save the "
+                                                  r"state_dict"):
+            load_pretrained(_model(), tmp_path / name)
+    assert not marker.exists()
