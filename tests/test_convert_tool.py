@@ -148,3 +148,25 @@ def test_unsafe_and_bad_inputs_are_refused(tmp_path, capsys):
     assert "records no attnseg config" in _expect_error(capsys, [str(tmp_path / "ok.pth"), "--out",
                                                                  str(tmp_path / "o")])
     assert "give a checkpoint and --out" in _expect_error(capsys, [str(tmp_path / "ok.pth")])
+
+
+def test_whole_published_model_through_a_config(tmp_path, capsys):
+    """An official DconnNet file (the whole model) into the Segmentor a config describes: the head's converter
+    recognises it; the written model predicts what the directly loaded one does."""
+    from attnseg.config import load_config
+
+    fx = load_fixture("dconnnet_model.pt")
+    torch.save({k: v.contiguous() for k, v in fx["state_dict"].items()}, tmp_path / "dconnnet.pth")
+    cfg = "configs/connectivity/dconnnet_resnet34_isic_binary.yaml"
+    assert tool.main([str(tmp_path / "dconnnet.pth"), "--config", cfg, "--out", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    assert "official layout of dconnnet" in printed and "converted from the dconnnet layout" in printed
+    model, info = load_model(tmp_path / "out")
+    direct = build_model(load_config(cfg, [f"model.checkpoint={tmp_path / 'dconnnet.pth'}"])).eval()
+    x = fx["input"].float()
+    with torch.no_grad():
+        ours = model(x)
+        assert torch.equal(ours, direct(x))
+    torch.testing.assert_close(ours, fx["output"]["logits"], atol=fx["tolerance"]["atol"],
+                               rtol=fx["tolerance"]["rtol"])
+    assert info.task == "segmentation" and info.model["checkpoint"] is None
