@@ -211,6 +211,14 @@ def test_training_writes_the_model_and_infer_reads_it_without_a_config(tmp_path,
                        "--out", str(tmp_path / "b"), "--device", "cpu"]) == 0
     a = np.array(Image.open(tmp_path / "a" / "img_mask.png"))
     assert a.shape == (37, 45) and np.array_equal(a, np.array(Image.open(tmp_path / "b" / "img_mask.png")))
+    # attnseg-test evaluates the model folder like the training checkpoint
+    from attnseg.cli import test as test_tool
+
+    for ckpt, out in ((folder, "m"), (result["best_checkpoint"], "c")):
+        assert test_tool.main([str(cfg), "--checkpoint", str(ckpt), "--out-dir", str(tmp_path / f"eval_{out}")]) == 0
+    capsys.readouterr()
+    metrics = [json.loads((tmp_path / f"eval_{o}" / "metrics_test.json").read_text()) for o in ("m", "c")]
+    assert metrics[0]["mDice"] == metrics[1]["mDice"] and metrics[0]["Dice"] == metrics[1]["Dice"]
     assert infer.main(["--checkpoint", result["best_checkpoint"], str(tmp_path / "img.png"),
                        "--out", str(tmp_path / "c")]) == 2
     assert "--config is needed" in capsys.readouterr().err

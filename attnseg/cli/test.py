@@ -123,7 +123,9 @@ def write_report(results: Mapping[str, Any], out_dir: Path, split: str) -> list[
 def _main(argv: Sequence[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="attnseg-test", description="Evaluate a checkpoint on a dataset split.")
     add_config_args(parser)
-    parser.add_argument("--checkpoint", required=True, help="training checkpoint (.ckpt) or model weights")
+    parser.add_argument("--checkpoint", required=True, help="training checkpoint (.ckpt), model weights, or a model "
+                                                            "in attnseg's format (folder with model.safetensors + "
+                                                            "config.json)")
     parser.add_argument("--split", default="test", choices=["train", "val", "test"])
     parser.add_argument("--out-dir", default=None, help="folder for the metrics JSON, per-case CSV, Markdown "
                                                          "report and box plot (default: the run's work dir)")
