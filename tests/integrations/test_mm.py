@@ -72,9 +72,11 @@ def test_bad_type_names_give_mmengines_error(registry):
     ("test_halonet", (1, 2, 3, 4), [32, 64, 128, 256], [4, 8, 16, 32]),
     ("test_resnet", (2, 4), [128, 512], [8, 32]),
     ("test_swin_unet_encoder", (2, 3), [32, 64], [16, 32]),  # no out_indices of its own: picked by the wrapper
+    ("test_swinvit", (1, 2, 3, 4), [24, 48, 96, 192], [4, 8, 16, 32]),  # Swin UNETR's encoder, built 2D
 ])
 def test_build_gives_a_tuple_of_nchw_maps(name, out_indices, channels, strides):
-    model = SEG_LIKE.build(dict(type=f"attnseg.{name}", out_indices=out_indices))
+    extra = dict(spatial_dims=2, in_chans=3) if name == "test_swinvit" else {}
+    model = SEG_LIKE.build(dict(type=f"attnseg.{name}", out_indices=out_indices, **extra))
     assert isinstance(model, mm.MMBackbone)
     assert model.out_indices == out_indices
     assert model.out_channels == channels and model.strides == strides
