@@ -232,3 +232,20 @@ def test_mmdet_config_parses_and_its_backbone_fits_the_neck():
     assert backbone.out_channels == neck.in_channels == [192, 384, 576]
     assert backbone.strides == [8, 16, 32]
     assert backbone.strides[neck.start_level] == cfg.model.bbox_head.anchor_generator.strides[0]
+
+
+@pytest.mark.parametrize("package", ["mmseg", "mmdet"])
+def test_real_mmseg_and_mmdet_registries_find_the_backbones(package, monkeypatch):
+    """Runs where mmsegmentation / mmdet are installed (not in CI: see docs/mm.md)."""
+    import importlib
+
+    registry = pytest.importorskip(f"{package}.registry").MODELS
+    try:
+        importlib.import_module(f"{package}.models")
+    except ImportError:  # mmcv-lite: no compiled ops, so the registry's own models cannot load; ours still resolve
+        monkeypatch.setattr(registry, "_imported", True)
+    assert registry.scope == package and registry.parent is MODELS
+    model = registry.build(dict(type="attnseg.test_nat", out_indices=(1, 3)))
+    assert type(model).__name__ == "AttnSeg_test_nat"
+    with torch.no_grad():
+        assert [tuple(o.shape) for o in model(torch.randn(1, 3, 64, 64))] == [(1, 32, 8, 8), (1, 128, 2, 2)]
