@@ -74,6 +74,7 @@ SCOPE = "attnseg"
 ATTNSEG_MODELS = Registry("model", parent=MMENGINE_MODELS, scope=SCOPE, locations=["attnseg.integrations.mm"])
 
 _REMOTE = ("http://", "https://", "open-mmlab://", "torchvision://", "mmcls://", "mmpretrain://", "pavi://", "s3://")
+# map_location is accepted for mm configs that set it, and ignored: attnseg always reads checkpoints to the CPU
 _PRETRAINED_KEYS = {"type", "checkpoint", "prefix", "strict", "map_location"}
 
 
