@@ -20,12 +20,15 @@ weights strictly (every key, every shape); :func:`export_checkpoint` turns a tra
 
 Example::
 
+    >>> import tempfile
     >>> from attnseg.models.builder import build_model
     >>> cfg = {"backbone": {"name": "test_mambaout"}, "head": {"name": "unetr", "feature_size": 8}, "num_classes": 3}
-    >>> save_model(build_model(cfg), "/tmp/attnseg_doc_model", cfg, class_names=["bg", "a", "b"])  # doctest: +SKIP
-    >>> model, info = load_model("/tmp/attnseg_doc_model")  # doctest: +SKIP
-    >>> info.task, info.class_names  # doctest: +SKIP
-    ('segmentation', ['bg', 'a', 'b'])
+    >>> folder = save_model(build_model(cfg), Path(tempfile.mkdtemp()) / "model", cfg, class_names=["bg", "a", "b"])
+    >>> sorted(os.listdir(folder))
+    ['config.json', 'model.safetensors']
+    >>> model, info = load_model(folder)
+    >>> type(model).__name__, info.task, info.class_names
+    ('Segmentor', 'segmentation', ['bg', 'a', 'b'])
 """
 
 from __future__ import annotations

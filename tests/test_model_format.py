@@ -222,3 +222,12 @@ def test_training_writes_the_model_and_infer_reads_it_without_a_config(tmp_path,
     assert infer.main(["--checkpoint", result["best_checkpoint"], str(tmp_path / "img.png"),
                        "--out", str(tmp_path / "c")]) == 2
     assert "--config is needed" in capsys.readouterr().err
+
+
+def test_module_docstring_example_runs():
+    import doctest
+
+    import attnseg.model_files
+
+    result = doctest.testmod(attnseg.model_files, optionflags=doctest.ELLIPSIS)
+    assert result.attempted >= 5 and result.failed == 0
