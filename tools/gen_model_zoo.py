@@ -97,8 +97,8 @@ PARITY: list[tuple[str, str]] = [
     (r"^transnext_", "transnext_cls_tiny_cfg.pt"), (r"^transnext_", "transnext_dense_tiny_cfg.pt"),
     (r"^transnext_", "transnext_cls_fixedpool_cfg.pt"),
     (r"^sparsifiner_", "sparsifiner_tiny_cfg.pt"),
-    (r"^swinvit_|^swin_unetr$", "swin_unetr_3d_fs12.pt"), (r"^swinvit_|^swin_unetr$", "swin_unetr_3d_fs12_legacy_merge.pt"),
-    (r"^swin_unetr$", "swin_unetr_2d_fs12.pt"), (r"^swin_unetr_v2$", "swin_unetr_2d_fs12_v2.pt"),
+    (r"^swinvit_|^swin_unetr$|^unetr$", "swin_unetr_3d_fs12.pt"),
+    (r"^swinvit_|^swin_unetr$", "swin_unetr_3d_fs12_legacy_merge.pt"), (r"^swin_unetr$|^unetr$", "swin_unetr_2d_fs12.pt"), (r"^swin_unetr_v2$", "swin_unetr_2d_fs12_v2.pt"),
     (r"^swin_unet_encoder_|^att_swin_unet", "att_swin_unet_small.pt"),
     (r"^att_swin_unet$", "att_swin_unet_cca_block.pt"),
     (r"^hybridgnet", "hybridgnet_doubleskip_128.pt"),
@@ -265,21 +265,23 @@ def _fixture_path(fixture: str) -> Path | None:
 
 
 def fixture_tolerance(fixture: str) -> str:
-    """``atol/rtol`` stated in the fixture file (the largest over its cases), ``"?"`` when it states none."""
+    """The output tolerance the fixture states: ``atol/rtol`` of its ``tolerance`` record; the range over its
+    ``cases`` for per-case files; one entry per quantity where the record is split (e.g. connectivity ops)."""
     path = _fixture_path(fixture)
     if path is None:
         return "fixture absent here"
     data = torch.load(path, map_location="cpu", weights_only=True)
-    tols = [data["tolerance"]] if isinstance(data.get("tolerance"), dict) else []
-    tols += [c["tolerance"] for c in data.get("cases", []) if isinstance(c, dict) and isinstance(c.get("tolerance"), dict)]
-    for sub in ("train", "eval"):  # MSGA keeps one record per mode
-        if isinstance(data.get(sub), dict) and isinstance(data[sub].get("tolerance"), dict):
-            tols.append(data[sub]["tolerance"])
-    if not tols:
-        return "?"
-    atol = max(float(t.get("atol", 0.0)) for t in tols)
-    rtol = max(float(t.get("rtol", 0.0)) for t in tols)
-    return f"atol {atol:g}, rtol {rtol:g}"
+    tol = data.get("tolerance")
+    if isinstance(tol, dict) and "atol" in tol:
+        return f"atol {float(tol['atol']):g}, rtol {float(tol.get('rtol', 0.0)):g}"
+    if isinstance(tol, dict):  # one tolerance per quantity
+        return ", ".join(f"{k} {v if isinstance(v, str) else 'atol ' + format(float(v['atol']), 'g')}"
+                         for k, v in tol.items() if isinstance(v, str) or (isinstance(v, dict) and "atol" in v))
+    atols = sorted({float(c["tolerance"]["atol"]) for c in data.get("cases", [])
+                    if isinstance(c, dict) and isinstance(c.get("tolerance"), dict) and "atol" in c["tolerance"]})
+    if atols:
+        return f"atol {atols[0]:g}" + (f"–{atols[-1]:g}" if len(atols) > 1 else "") + " per case"
+    return "tolerance not stated"
 
 
 def tests_using(fixture: str, tests_dir: Path = REPO / "tests") -> list[str]:
@@ -314,7 +316,9 @@ def converter_summary(family: str) -> str:
         doc = importlib.import_module(f"attnseg.convert.{family}").__doc__ or ""
     except ImportError:
         return "–"
-    return doc.strip().splitlines()[0].rstrip(".")
+    first = doc.strip().splitlines()[0].rstrip(".")
+    first = re.sub(r"\s*\(:mod:`[^`]*`\)", "", first)  # reST cross-references mean nothing in the table
+    return first.replace("``", "`")
 
 
 def family_of(name: str, factory: Callable[..., Any]) -> str:
