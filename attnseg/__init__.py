@@ -8,6 +8,8 @@ Public API::
     model = attnseg.build_model(cfg)
     attnseg.list_models("mambaout*")            # registered backbones
     attnseg.load_pretrained(model.backbone, "mambaout_femto.pth")   # official or attnseg checkpoints
+    attnseg.save_model(model, "my_model/", cfg)  # model.safetensors + config.json (no pickle)
+    model, info = attnseg.load_model("my_model/")
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["build_model", "load_config", "list_models", "load_pretrained", "__version__"]
+__all__ = ["build_model", "load_config", "list_models", "load_pretrained", "save_model", "load_model", "__version__"]
 
 
 def load_config(path: Any, overrides: Any = None) -> Any:
@@ -51,6 +53,20 @@ def load_pretrained(model: Any, path: Any, **kwargs: Any) -> Any:
     from attnseg.checkpoint import load_pretrained as _load
 
     return _load(model, path, **kwargs)
+
+
+def save_model(model: Any, path: Any, config: Any = None, **kwargs: Any) -> Any:
+    """Write attnseg's own format (safetensors weights + JSON config); see :func:`attnseg.model_files.save_model`."""
+    from attnseg.model_files import save_model as _save
+
+    return _save(model, path, config, **kwargs)
+
+
+def load_model(path: Any, **kwargs: Any) -> Any:
+    """Rebuild a model saved by :func:`save_model`, without unpickling; see :func:`attnseg.model_files.load_model`."""
+    from attnseg.model_files import load_model as _load
+
+    return _load(path, **kwargs)
 
 
 def _register_with_timm() -> None:

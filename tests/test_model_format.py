@@ -231,3 +231,16 @@ def test_module_docstring_example_runs():
 
     result = doctest.testmod(attnseg.model_files, optionflags=doctest.ELLIPSIS)
     assert result.attempted >= 5 and result.failed == 0
+
+
+def test_top_level_api_saves_and_loads_the_same_model(tmp_path):
+    import attnseg
+
+    cfg = _experiment(tmp_path)
+    model = attnseg.build_model(cfg).eval()
+    attnseg.save_model(model, tmp_path / "m", cfg)
+    loaded, info = attnseg.load_model(tmp_path / "m")
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+    assert "save_model" in attnseg.__all__ and "load_model" in attnseg.__all__
