@@ -107,3 +107,11 @@ def test_docs_model_zoo_lists_every_registered_backbone():
     assert not missing, f"docs/model_zoo.md lacks {missing}: run python tools/gen_model_zoo.py --families <family>"
     for name in backbones:
         assert f"| `{name}` |" in doc.read_text()
+
+
+def test_docs_model_zoo_lists_every_published_model_and_head():
+    from attnseg.registry import HEADS, MODELS
+
+    rows = {(r["kind"], r["model"]) for r in zoo.stored_rows((REPO / "docs" / "model_zoo.md").read_text())}
+    expected = {("model", n) for n in MODELS.names() if not n.startswith("test_")} | {("head", n) for n in HEADS.names()}
+    assert not sorted(expected - rows), "run python tools/gen_model_zoo.py --families models heads"
