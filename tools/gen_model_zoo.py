@@ -14,7 +14,11 @@ Sources:
   so a row never names a test that does not use its fixture;
 - GFLOPs: :class:`torch.utils.flop_counter.FlopCounterMode` at batch 1 (a multiply-add counts 2 FLOPs; only matmuls
   and convolutions are counted), with ``scaled_dot_product_attention`` forced onto its math kernel (the fused CPU
-  kernel is not counted at all) and fused neighborhood attention counted analytically (see :func:`count_flops`).
+  kernel is not counted at all) and neighborhood attention counted analytically (see :func:`_analytic_na`). Models
+  are built and run on the meta device for counting when they can be (no weights initialised, no arithmetic), else
+  on the CPU; both give the same count;
+- heads: each registered head on one fixed encoder (:data:`HEAD_ENCODER`, MambaOut-femto at 224, 2 classes) so that
+  heads compare with each other; the published whole models give each head on its own encoder.
 
 Measured rows are stored in the document as a JSON comment (the format of ``tools/bench_models.py``), so
 ``--families nat --throughput`` reruns one family and keeps every other row; a rerun without ``--throughput`` keeps
@@ -24,6 +28,7 @@ Usage::
 
     python tools/gen_model_zoo.py                          # all families, no throughput (params, GFLOPs, ...)
     python tools/gen_model_zoo.py --throughput --families nat heads
+    python tools/gen_model_zoo.py --throughput --max-gflops 12     # time only models up to 12 GFLOPs
 """
 
 from __future__ import annotations
