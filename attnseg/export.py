@@ -355,9 +355,9 @@ def export_onnx(
             with _tracing(na_backend):
                 if which == "dynamo":
                     dyn = _dynamic_shapes(example_input, batch, spatial)
-                    torch.onnx.export(model, (_trace_input(example_input, batch),), str(path), dynamo=True, opset_version=opset,
-                                      dynamic_shapes={arg: dyn} if dyn else None, verbose=False,
-                                      input_names=["input"], external_data=False)
+                    torch.onnx.export(model, (_trace_input(example_input, batch),), str(path), dynamo=True,
+                                      opset_version=opset, dynamic_shapes={arg: dyn} if dyn else None,
+                                      verbose=False, input_names=["input"], external_data=False)
                 else:
                     axes = {i: a for i, a in _axis_names(example_input.dim()).items()
                             if (i == 0 and batch) or (i >= 2 and spatial)}
