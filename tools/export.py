@@ -234,7 +234,8 @@ DOC_TEMPLATE = """# Exporting models (ONNX, torch.export, TorchScript)
 `tools/export.py` (library: `attnseg.export`) writes a model as ONNX, as a `torch.export` program (`.pt2`) or as
 traced TorchScript, loads the result back (onnxruntime on CPU, `torch.export.load`, `torch.jit.load`) and compares
 it with PyTorch on the example input and, when the batch or spatial axes are dynamic, on a second input of another
-batch and spatial size (batch + 1, height + 32, width + 64). A check passes when max |diff| <= 1e-4 + 1e-4 * max |output|.
+batch and spatial size (batch + 1, height + 32, width + 64). A check passes when
+max |diff| <= 1e-4 + 1e-4 * max |output|.
 
 ```bash
 pip install "attnseg[onnx]"   # onnx, onnxscript, onnxruntime
