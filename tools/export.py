@@ -42,25 +42,25 @@ SUFFIX = {"onnx": ".onnx", "torch-export": ".pt2", "torchscript": ".ts"}
 SUPPORT_MATRIX: list[tuple[str, str, int, tuple[int, ...]]] = [
     ("backbone", "resnet18", 3, (64, 64)),
     ("backbone", "mambaout_femto", 3, (64, 64)),
-    ("backbone", "halonet_h0", 3, (64, 64)),
-    ("backbone", "biformer_tiny", 3, (64, 64)),
     ("backbone", "nat_mini", 3, (64, 64)),
+    ("pair:unetr", "mambaout_femto", 3, (64, 64)),
+    ("model", "test_dconnnet", 3, (64, 64)),
     ("backbone", "dinat_mini", 3, (64, 64)),
-    ("backbone", "nat_isotropic_small", 3, (64, 64)),
+    ("backbone", "biformer_tiny", 3, (64, 64)),
     ("backbone", "transnext_micro", 3, (64, 64)),
     ("backbone", "overlock_xt", 3, (64, 64)),
     ("backbone", "sparsifiner_deit_tiny", 3, (64, 64)),
     ("backbone", "karat_vit_tiny", 3, (64, 64)),
-    ("backbone", "vitrpb_small", 3, (64, 64)),
     ("backbone", "swin_unet_encoder_tiny", 3, (64, 64)),
     ("backbone", "swinvit_tiny", 1, (32, 32, 32)),
-    ("backbone", "hybridgnet_encoder", 1, (64, 64)),
-    ("model", "test_dconnnet", 3, (64, 64)),
+    ("backbone", "halonet_h0", 3, (64, 64)),
     ("model", "test_msga", 1, (64, 64)),
     ("model", "test_att_swin_unet", 3, (64, 64)),
     ("model", "test_hybridgnet_2igsc", 1, (64, 64)),
-    ("pair:unetr", "mambaout_femto", 3, (64, 64)),
     ("pair:unetr", "nat_mini", 3, (64, 64)),
+    ("backbone", "nat_isotropic_small", 3, (64, 64)),
+    ("backbone", "vitrpb_small", 3, (64, 64)),
+    ("backbone", "hybridgnet_encoder", 1, (64, 64)),
 ]
 
 
@@ -141,18 +141,43 @@ def _entry_label(kind: str, name: str) -> str:
     return f"{name} + {kind.split(':', 1)[1]}" if kind.startswith("pair:") else name
 
 
+def _run_child(label: str, fmt: str, cache: Path, timeout: float) -> None:
+    import subprocess
+
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--all", "--exact", label, "--formats", fmt,
+           "--cache", str(cache), "--timeout", "0"]
+    try:
+        subprocess.run(cmd, timeout=timeout, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+    except subprocess.TimeoutExpired:
+        pass
+
+
 def run_matrix(formats: Sequence[str], cache: Path, work: Path, only: Sequence[str] = (),
-               timeout_note: bool = True) -> dict[str, dict[str, Any]]:
+               timeout: float | None = None, exact: str | None = None) -> dict[str, dict[str, Any]]:
     """Export every :data:`SUPPORT_MATRIX` entry in ``formats``; results go to ``cache`` (JSON) after each export,
-    and entries already there are skipped, so an interrupted run resumes. ``only``: substrings of names to run."""
+    and entries already there are skipped, so an interrupted run resumes. ``only``: substrings of names to run;
+    ``exact``: one entry's label. ``timeout``: run each export in a child process stopped after that many seconds
+    (recorded as not finished)."""
     results: dict[str, dict[str, Any]] = json.loads(cache.read_text()) if cache.exists() else {}
     for kind, name, in_chans, size in SUPPORT_MATRIX:
         label = _entry_label(kind, name)
-        if only and not any(o in label for o in only):
+        if (only and not any(o in label for o in only)) or (exact is not None and label != exact):
             continue
         for fmt in formats:
             key = f"{label}|{fmt}"
             if key in results:
+                continue
+            if timeout is not None:  # run it in a child process that gives up after `timeout` seconds
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                _run_child(label, fmt, cache, timeout)
+                results = json.loads(cache.read_text()) if cache.exists() else {}
+                if key not in results:
+                    results[key] = {"model": label, "format": fmt, "input": [1, in_chans, *size], "ok": False,
+                                    "error": f"not finished within {timeout:.0f} s on 2 CPU cores (export time)",
+                                    "seconds": timeout}
+                    cache.write_text(json.dumps(results, indent=1, sort_keys=True))
+                row = results[key]
+                print(f"{key}: {row.get('summary') or 'FAILS: ' + row['error']}", flush=True)
                 continue
             t0 = time.perf_counter()
             row: dict[str, Any] = {"model": label, "format": fmt, "input": [1, in_chans, *size]}
@@ -172,6 +197,7 @@ def run_matrix(formats: Sequence[str], cache: Path, work: Path, only: Sequence[s
             except Exception as e:  # noqa: BLE001 - building or checking failed; recorded in the table
                 row.update(ok=False, error=describe_failure(e)[:400])
             row["seconds"] = round(time.perf_counter() - t0, 1)
+            results = json.loads(cache.read_text()) if cache.exists() else {}
             results[key] = row
             cache.parent.mkdir(parents=True, exist_ok=True)
             cache.write_text(json.dumps(results, indent=1, sort_keys=True))
@@ -183,13 +209,13 @@ def _cell(row: dict[str, Any] | None) -> str:
     if row is None:
         return "not run"
     if "error" in row:
-        return "fails"
+        return "timeout" if row["error"].startswith("not finished") else "fails"
     if not row["ok"]:
         return f"mismatch ({row['max_abs_diff']:.0e})"
     dyn = row["dynamic"]
     axes = "B,H,W" if {"batch", "H", "W"} <= set(dyn) else ("B,D,H,W" if "D" in dyn and "batch" in dyn else
                                                            ",".join("B" if a == "batch" else a for a in dyn))
-    return f"ok {row['max_abs_diff']:.0e}, dyn {axes or 'none'}"
+    return f"ok {row['max_abs_diff']:.0e}, dyn {axes or 'none'}, {row['seconds']:.0f} s"
 
 
 def write_doc(results: dict[str, dict[str, Any]], formats: Sequence[str], doc: Path) -> None:
@@ -277,8 +303,9 @@ How it works:
 
 Generated by `python tools/export.py --all --doc docs/export.md` (torch {torch}; {onnx_versions}; CPU; random
 weights; the smallest real variant of each family: variants of one family share their code and export alike).
-Cells: `ok <max |diff|>, dyn <axes left free>` (B batch, H/W/D spatial), `fails` (reason below), `mismatch`
-(exported, but the output differs), `not run`.
+Cells: `ok <max |diff|>, dyn <axes left free>, <seconds>` (B batch, H/W/D spatial; seconds: export + checks,
+retries included, on 2 shared CPU cores), `fails` (reason below), `timeout` (the export did not finish within the
+limit per export, `--timeout`), `mismatch` (exported, but the output differs), `not run`.
 
 {table}
 
@@ -311,6 +338,9 @@ def _main(argv: Sequence[str] | None) -> int:
     parser.add_argument("--format", choices=FORMATS, default="onnx")
     parser.add_argument("--formats", nargs="+", choices=FORMATS, default=list(FORMATS), help="--all: formats")
     parser.add_argument("--only", nargs="*", default=[], help="--all: only entries whose name contains one of these")
+    parser.add_argument("--exact", default=None, help=argparse.SUPPRESS)  # one entry (the child process of --all)
+    parser.add_argument("--timeout", type=float, default=240.0,
+                        help="--all: seconds per export before it is recorded as not finished (0: no limit)")
     parser.add_argument("--doc", default=str(REPO / "docs" / "export.md"), help="--all: the table to write")
     parser.add_argument("--cache", default=str(REPO / "work_dirs" / "export" / "results.json"),
                         help="--all: results so far (resumes from it)")
@@ -330,8 +360,11 @@ def _main(argv: Sequence[str] | None) -> int:
     na_backend = None if args.na_backend == "auto" else args.na_backend
 
     if args.all:
-        results = run_matrix(args.formats, Path(args.cache), Path(args.cache).parent / "models", args.only)
-        write_doc(results, args.formats, Path(args.doc))
+        results = run_matrix(args.formats, Path(args.cache), Path(args.cache).parent / "models", args.only,
+                             timeout=args.timeout or None, exact=args.exact)
+        if args.exact is not None:  # a child: the parent writes the doc
+            return 0
+        write_doc(results, FORMATS, Path(args.doc))
         print(f"wrote {args.doc}")
         return 0
     sources = [s for s in (args.config, args.backbone, args.model) if s]
