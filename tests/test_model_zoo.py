@@ -115,3 +115,12 @@ def test_docs_model_zoo_lists_every_published_model_and_head():
     rows = {(r["kind"], r["model"]) for r in zoo.stored_rows((REPO / "docs" / "model_zoo.md").read_text())}
     expected = {("model", n) for n in MODELS.names() if not n.startswith("test_")} | {("head", n) for n in HEADS.names()}
     assert not sorted(expected - rows), "run python tools/gen_model_zoo.py --families models heads"
+
+
+def test_gflops_limits_decide_what_is_timed(monkeypatch):
+    monkeypatch.setattr(zoo, "MAX_GFLOPS", 10.0)
+    big, small = {"flops": 20_000_000_000}, {"flops": 2_000_000_000}
+    assert not zoo._wants_throughput(big, True) and big["ips_skipped"] == "> 10 GFLOPs, not timed"
+    assert zoo._wants_throughput(small, True) and not zoo._wants_throughput(small, False)
+    monkeypatch.setattr(zoo, "MIN_GFLOPS", 5.0)
+    assert not zoo._wants_throughput(small, True) and "ips_skipped" not in small  # keeps its stored images/s

@@ -339,11 +339,12 @@ def _fmt_input(size: tuple[int, ...]) -> str:
 
 
 MAX_GFLOPS: float | None = None  # --max-gflops: throughput is not measured above this cost
+MIN_GFLOPS: float | None = None  # --min-gflops: nor below this one (those rows keep their stored images/s)
 
 
 def _wants_throughput(row: dict[str, Any], throughput: bool) -> bool:
     """Whether to time this row; a row over :data:`MAX_GFLOPS` records ``ips_skipped`` instead."""
-    if not throughput:
+    if not throughput or (MIN_GFLOPS is not None and row["flops"] < MIN_GFLOPS * 1e9):
         return False
     if MAX_GFLOPS is not None and row["flops"] > MAX_GFLOPS * 1e9:
         row["ips_skipped"] = f"> {MAX_GFLOPS:g} GFLOPs, not timed"
@@ -608,12 +609,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reps", type=int, default=3, help="timed calls per model (fewer for slow ones)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-gflops", type=float, help="time only models up to this many GFLOPs")
+    parser.add_argument("--min-gflops", type=float,
+                        help="time only models from this many GFLOPs (the others keep their stored images/s)")
     parser.add_argument("--output", type=Path, default=DOC)
     parser.add_argument("--machine", help="machine description for the header (default: platform + torch)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    global MAX_GFLOPS
-    MAX_GFLOPS = args.max_gflops
+    global MAX_GFLOPS, MIN_GFLOPS
+    MAX_GFLOPS, MIN_GFLOPS = args.max_gflops, args.min_gflops
     families = args.families or all_families()
     unknown = set(families) - set(all_families())
     if unknown:
