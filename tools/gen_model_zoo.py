@@ -523,8 +523,10 @@ def render(rows: list[dict[str, Any]], machine: str | None = None) -> str:
         "it (found by searching `tests/`). Fixtures are reduced configurations of the same code path, not the "
         "variant itself.",
         "- **CPU img/s**: batch 1, fp32, eval, `torch.inference_mode()`, median over the reps in parentheses after "
-        "one warm-up call (fewer reps when a call takes long; – = not measured). Taken on a **shared 2-core machine** while other jobs ran: read them as rough and "
-        "relative, not as benchmarks (`tools/benchmark.py models` measures against the references properly).",
+        "one warm-up call (fewer reps when a call takes long; – = not measured). Taken on a **shared 2-core machine** while other jobs ran (load "
+        "average 3-5 during the runs): rows timed minutes apart are not comparable (in one run ResNet-34 came out slower "
+        "than ResNet-50); read them as orders of magnitude, not benchmarks (`tools/benchmark.py models` times attnseg "
+        "and the references in turns, which is how speed claims are made).",
         "",
     ]
     families = [f for f in FAMILY_ORDER if any(r["family"] == f for r in rows)]
