@@ -377,9 +377,9 @@ def export_onnx(
                 inputs.append(second_input(example_input, 0 in dyn_axes, any(i >= 2 for i in dyn_axes)))
             checks = _run_onnx(path, inputs, reference, atol, rtol)
             more = n + 1 < len(attempts) and attempts[n + 1][0] == which
-            if len(checks) == 2 and checks[0].ok and not checks[1].ok and more:
+            if dyn_axes and not all(c.ok for c in checks) and more:
                 # the graph declares the axes free but bakes in example-size constants: fix them and retry
-                bad = checks[1]
+                bad = next(c for c in checks if not c.ok)
                 notes.append(f"{which} exporter, {what}: exported, but onnxruntime at {_shape(bad.input_shape)} "
                              f"gives {bad.error or f'max |diff| {bad.max_abs_diff:.1e}'}; the model fixes those axes")
                 continue
@@ -466,10 +466,10 @@ def export_torch(
             continue
         checks = _check_torch(model, path, format, example_input, dyn_axes, na_backend, label, atol, rtol) if check \
             else []
-        if len(checks) == 2 and checks[0].ok and not checks[1].ok:
-            bad = checks[1]
+        if dyn_axes and not all(c.ok for c in checks):
+            bad = next(c for c in checks if not c.ok)
             why = bad.error or f"max |diff| {bad.max_abs_diff:.1e}"
-            if format == "torchscript":
+            if format == "torchscript" and checks[0].ok:
                 notes.append(f"the traced module does not generalise: at {_shape(bad.input_shape)} it gives {why}; "
                              f"use it at {_shape(example_input.shape)} only")
                 dyn_axes, checks = {}, checks[:1]
