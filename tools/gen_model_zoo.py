@@ -435,6 +435,9 @@ def collect(families: list[str], throughput: bool, reps: int,
     from attnseg.registry import BACKBONES, HEADS, MODELS
 
     run = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    if throughput and hasattr(os, "getloadavg"):
+        # other jobs on the machine slow the timings; say how busy it was
+        run += f" (load {os.getloadavg()[0]:.1f})"
     rows = []
     for name in BACKBONES.names():
         if name.startswith("test_") or family_of(name, BACKBONES.get(name)) not in families:
@@ -523,10 +526,10 @@ def render(rows: list[dict[str, Any]], machine: str | None = None) -> str:
         "it (found by searching `tests/`). Fixtures are reduced configurations of the same code path, not the "
         "variant itself.",
         "- **CPU img/s**: batch 1, fp32, eval, `torch.inference_mode()`, median over the reps in parentheses after "
-        "one warm-up call (fewer reps when a call takes long; – = not measured). Taken on a **shared 2-core machine** while other jobs ran (load "
-        "average 3-5 during the runs): rows timed minutes apart are not comparable (in one run ResNet-34 came out slower "
-        "than ResNet-50); read them as orders of magnitude, not benchmarks (`tools/benchmark.py models` times attnseg "
-        "and the references in turns, which is how speed claims are made).",
+        "one warm-up call (fewer reps when a call takes long; – = not measured). The run times above give the "
+        "machine's 1-minute load average when a timed run started, where recorded. Rows from runs under different load are not comparable; read the "
+        "column as orders of magnitude, not benchmarks (`tools/benchmark.py models` times attnseg and the "
+        "references in turns, which is how speed claims are made).",
         "",
     ]
     families = [f for f in FAMILY_ORDER if any(r["family"] == f for r in rows)]
