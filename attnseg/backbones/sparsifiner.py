@@ -49,7 +49,13 @@ Faithfulness and additions:
   ``ceil(keep_rate * N_new)``. At ``img_size`` this is the official model exactly; elsewhere it is an attnseg
   extension without published evidence of accuracy. :func:`attnseg.load_pretrained` applies the same resampling to
   a checkpoint of another size (:meth:`Sparsifiner.adapt_pretrained`), e.g. DeiT's 224 weights into a 384 model.
-- Token pruning (the official DynamicViT-style option, off in every released config) is not implemented.
+- Token pruning (the official option, off in every released config; ``token_keep_rate``, ``token_pruning_loc``):
+  after the chosen blocks only the patches the cls token attends to most stay. The official code zeroes the
+  others' tokens, queries, keys and values and masks them out of the predictor's scores, but still computes every
+  row; here they are removed, so later blocks run on fewer tokens, with the same outputs: the predictor reads its
+  token tables at the present tokens' rows, the key budget is capped at the patches present, and the cls query
+  keeps the official quirk of attending to each pruned token as a key of logit 0 (:func:`cls_attention`). The
+  final tokens are put back on the grid with zeros for the pruned ones (the official final features).
 - :meth:`Sparsifiner.forward_pyramid` gives strides 4/8/16/32 from the last stride-16 token map through ViTDet's
   simple feature pyramid (``pyramid.*``, new parameters; the official code is classification-only).
 """
@@ -84,7 +90,7 @@ from attnseg.layers.swin import PatchEmbed
 from attnseg.registry import BACKBONES
 
 __all__ = ["Sparsifiner", "ConnectivityPredictor", "SparseAttention", "sparse_attention_gather",
-           "sparse_attention_csr", "sparse_attention_masked", "resample_token_table"]
+           "sparse_attention_csr", "sparse_attention_masked", "resample_token_table", "cls_attention"]
 
 ATTN_IMPLS = ("auto", "csr", "gather", "masked")
 
@@ -158,14 +164,24 @@ class ConnectivityPredictor(nn.Module):
         return min(num_tokens, math.ceil(self.keep_rate * num_tokens))
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, grid: Sequence[int], recon: bool = False,
-                mask: bool = True) -> dict[str, Any]:
+                mask: bool = True, token_index: torch.Tensor | None = None) -> dict[str, Any]:
         """``q, k [B, heads, N, head_dim]`` -> ``basis_coef [B, heads, N-1, K]``, ``approx_attn [B, heads, N-1, N]``,
         ``attn_mask [B, heads, N, N]`` (bool, row 0 all True; only with ``mask``, or without ``score_topk``) and,
         with ``score_topk``, ``indices [B, heads, N-1, budget]`` (the kept keys of each non-cls query, unsorted).
-        The attention on kept keys needs only ``indices``: ``mask=False`` skips the dense boolean mask."""
+        The attention on kept keys needs only ``indices``: ``mask=False`` skips the dense boolean mask.
+
+        After token pruning the ``N`` tokens are the cls token and the patches ``token_index [B, N-1]`` (positions in
+        the ``grid``): the token tables are read at those rows, and the budget, still ``ceil(keep_rate * (1 + gh*gw))``,
+        is capped at the ``N-1`` patches present (the official ``attn_budget = min(attn_budget, token_budget)``)."""
         N = q.shape[2]
-        proj_n = resample_token_table(self.proj_n, self.grid, grid, scale_sum=True)  # [N, K]
-        basis = resample_token_table(self.proj_back_n, self.grid, grid).transpose(0, 1)  # [K, N]
+        proj_n = resample_token_table(self.proj_n, self.grid, grid, scale_sum=True)  # [1 + gh*gw, K]
+        basis = resample_token_table(self.proj_back_n, self.grid, grid)  # [1 + gh*gw, K]
+        budget = self.budget(proj_n.shape[0])
+        if token_index is not None:  # pruned: the present tokens' rows; absent tokens add nothing to k's token sum
+            rows = torch.cat([token_index.new_zeros(token_index.shape[0], 1), token_index + 1], dim=1)  # [B, N]
+            proj_n, basis = proj_n[rows][:, None], basis[rows][:, None]  # [B, 1, N, K]
+            budget = min(budget, N - 1)
+        basis = basis.transpose(-2, -1)  # [.., K, N]
         if not recon:
             basis = F.threshold(basis.abs(), self.basis_threshold, 0.0)
         q, k = self.proj_c_q(q), self.proj_c_k(k)  # [B, heads, N, c]
@@ -181,7 +197,7 @@ class ConnectivityPredictor(nn.Module):
         out: dict[str, Any] = {"basis_coef": coef, "approx_attn": approx_attn}
         with torch.no_grad():  # the mask carries no gradient
             if self.score_topk:
-                out["indices"] = approx_attn.topk(self.budget(N), sorted=False)[1]  # [B, heads, N-1, budget]
+                out["indices"] = approx_attn.topk(budget, sorted=False)[1]  # [B, heads, N-1, budget]
                 if not mask:
                     return out
                 keep = torch.zeros_like(approx_attn, dtype=torch.bool).scatter_(-1, out["indices"], True)
@@ -259,6 +275,22 @@ def sparse_attention_csr(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indi
     return torch.cat([cls, out], dim=2)
 
 
+def cls_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                  absent: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cls query's (row 0's) attention over every present key: ``q, k, v [B, heads, N, d]`` -> ``(out
+    [B, heads, 1, d], probs [B, heads, 1, N])``.
+
+    ``absent`` pruned tokens enter the softmax as the official code leaves them: it zeroes their keys and values but
+    never masks them out of the cls row, so each adds a logit of 0 (``exp(0)`` to the denominator, nothing to the
+    output). ``absent`` such keys are one logit ``log(absent)``.
+    """
+    logits = (q[:, :, :1] @ k.transpose(-2, -1)) * scale  # [B, heads, 1, N]
+    if absent:
+        logits = torch.cat([logits, logits.new_full((*logits.shape[:-1], 1), math.log(absent))], dim=-1)
+    probs = logits.softmax(dim=-1)[..., :k.shape[2]]
+    return probs @ v, probs
+
+
 class SparseAttention(nn.Module):
     """Multi-head self-attention with a connectivity predictor (the official ``Attention``), on tokens
     ``[B, N, C] -> [B, N, C]``; ``forward`` also returns the predictor's outputs (and, when asked, the dense
@@ -279,8 +311,14 @@ class SparseAttention(nn.Module):
                                                     reduce_n_factor, reduce_c_factor, share_inout_proj, **predictor)
 
     def forward(self, x: torch.Tensor, grid: Sequence[int], recon: bool = False, impl: str = "auto",
-                return_attn: bool = False) -> tuple[torch.Tensor, dict[str, Any]]:
+                return_attn: bool = False, token_index: torch.Tensor | None = None,
+                cls_attn: bool = False) -> tuple[torch.Tensor, dict[str, Any]]:
+        """``x [B, N, C]`` on the patch ``grid`` -> ``(out [B, N, C], aux)``; ``aux`` holds the predictor's outputs,
+        with ``return_attn`` the dense ``masked_attn``/``unmasked_attn``, with ``cls_attn`` the cls query's attention
+        probabilities ``cls_attn [B, heads, N]`` (token pruning scores with them). After token pruning ``x`` holds the
+        cls token and the patches ``token_index [B, N-1]``."""
         B, N, C = x.shape
+        absent = grid[0] * grid[1] + 1 - N  # pruned tokens
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # [B, heads, N, head_dim]
         dropout = self.attn_drop.p > 0 and self.training
@@ -289,19 +327,27 @@ class SparseAttention(nn.Module):
         dense_auto = impl == "auto" and ((torch.is_grad_enabled() and x.requires_grad) or x.device.type != "cpu")
         masked = (recon or return_attn or dropout or impl == "masked" or dense_auto
                   or not self.mask_predictor.score_topk)
-        aux = self.mask_predictor(q, k, grid, recon=recon, mask=masked)
+        aux = self.mask_predictor(q, k, grid, recon=recon, mask=masked, token_index=token_index)
+        cls_out = None
+        if absent or cls_attn:
+            cls_out, cls_probs = cls_attention(q, k, v, self.scale, absent)  # [B, heads, 1, d], [B, heads, 1, N]
+            aux["cls_attn"] = cls_probs[:, :, 0]
         if masked:
             if recon:  # attention reconstruction phase: dense attention, the mask unused
                 attn = unmasked = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
                 out = attn @ v
             else:
                 out, attn, unmasked = sparse_attention_masked(q, k, v, aux["attn_mask"], self.scale)
+                if absent:  # the cls row also counts the pruned tokens (cls_attention)
+                    attn = torch.cat([cls_probs, attn[:, :, 1:]], dim=2)
+                    out = torch.cat([cls_out, out[:, :, 1:]], dim=2)
             aux.update(masked_attn=attn, unmasked_attn=unmasked)
             x = self.attn_drop(attn) @ v if dropout else out
-        elif impl in ("csr", "auto"):
-            x = sparse_attention_csr(q, k, v, aux["indices"], self.scale)
         else:
-            x = sparse_attention_gather(q, k, v, aux["indices"], self.scale)
+            sparse = sparse_attention_csr if impl in ("csr", "auto") else sparse_attention_gather
+            x = sparse(q, k, v, aux["indices"], self.scale)
+            if absent:
+                x = torch.cat([cls_out, x[:, :, 1:]], dim=2)
         x = x.transpose(1, 2).reshape(B, N, C)  # [B, heads, N, d] -> [B, N, C]
         return self.proj_drop(self.proj(x)), aux
 
@@ -319,8 +365,9 @@ class SparsifinerBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
 
     def forward(self, x: torch.Tensor, grid: Sequence[int], recon: bool = False, impl: str = "auto",
-                return_attn: bool = False) -> tuple[torch.Tensor, dict[str, Any]]:
-        y, aux = self.attn(self.norm1(x), grid, recon, impl, return_attn)
+                return_attn: bool = False, token_index: torch.Tensor | None = None,
+                cls_attn: bool = False) -> tuple[torch.Tensor, dict[str, Any]]:
+        y, aux = self.attn(self.norm1(x), grid, recon, impl, return_attn, token_index, cls_attn)
         x = x + self.drop_path(y)
         return x + self.drop_path(self.mlp(self.norm2(x))), aux
 
@@ -341,6 +388,13 @@ class Sparsifiner(nn.Module):
             (released defaults).
         attn_recon: in training, the official attention-reconstruction phase (signed basis, full coefficients, dense
             attention); no effect in eval.
+        token_keep_rate: the official token pruning (``SPAR.TOKEN_KEEP_RATE_BASE``): below 1, after the attention of
+            each block in ``token_pruning_loc`` the patch tokens with the largest cls attention (mean over heads)
+            are kept, ``ceil(token_keep_rate**j * gh*gw)`` of them at the j-th location, and the others leave the
+            model (not zeroed, as the official code does, but removed, so the later blocks really cost less). 1.0
+            (released default): no pruning. Off in the attention-reconstruction phase, as officially.
+        token_pruning_loc: block indices that prune (official ``SPAR.TOKEN_PRUNING_LOC``, default ``(3, 6, 9)``;
+            the official keep-rate list ``[1]*3 + [r]*3 + [r**2]*3 + [r**3]*3`` gives these the rates r, r², r³).
         attn_impl: attention on the kept keys only by ``"csr"`` (sparse CSR kernels, no autograd) or ``"gather"``
             (gathered keys and values, autograd), ``"auto"`` (csr in CPU inference, else masked), or ``"masked"``
             (dense logits masked, as the official code); same results to float rounding.
@@ -364,13 +418,21 @@ class Sparsifiner(nn.Module):
                  reduce_n_factor: int = 6, reduce_c_factor: int = 2, share_inout_proj: bool = False,
                  basis_threshold: float = 0.02, coef_topk: int | None = 8, coef_threshold: float = 0.05,
                  score_topk: bool = True, score_threshold: float = 1e-4, attn_recon: bool = False,
-                 attn_impl: str = "auto", drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
+                 token_keep_rate: float = 1.0, token_pruning_loc: Sequence[int] = (3, 6, 9), attn_impl: str = "auto",
+                 drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
                  drop_path_rate: float = 0.0, out_indices: Sequence[int] = (0, 1, 2, 3), pyramid: bool = True) -> None:
         super().__init__()
         check_isotropic_args(in_chans, num_classes, depth, patch_size, embed_dim, num_heads, img_size)
         keep = [float(keep_rate)] * depth if isinstance(keep_rate, (int, float)) else [float(r) for r in keep_rate]
         if len(keep) != depth:
             raise ValueError(f"keep_rate needs one value or one per layer ({depth}), got {len(keep)}")
+        if not 0.0 < token_keep_rate <= 1.0:
+            raise ValueError(f"token_keep_rate must be in (0, 1], got {token_keep_rate}")
+        loc = [int(i) for i in token_pruning_loc]
+        if token_keep_rate < 1.0 and (not loc or loc != sorted(set(loc)) or loc[0] < 0 or loc[-1] >= depth):
+            raise ValueError(f"token_pruning_loc must be increasing block indices in 0..{depth - 1}, got {loc}")
+        # block index -> fraction of the patch tokens left after it
+        self.token_pruning = {i: token_keep_rate ** (j + 1) for j, i in enumerate(loc)} if token_keep_rate < 1 else {}
         self.attn_impl = attn_impl  # validated by the property setter
         self.in_chans, self.num_classes, self.num_features, self.embed_dim = in_chans, num_classes, embed_dim, embed_dim
         self.patch_size, self.min_input_size = patch_size, patch_size
@@ -492,15 +554,40 @@ class Sparsifiner(nn.Module):
 
     def _blocks(self, x: torch.Tensor, grid: tuple[int, int],
                 collect: bool = False) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+        """Tokens ``[B, 1 + gh*gw, C]`` through the blocks -> the same shape and each block's ``aux`` (with
+        ``token_index``: the patches present after it, None before any pruning). Pruned patches come back as zeros,
+        which is what the official model carries for them to its final norm."""
         recon = self.attn_recon and self.training
+        pruning = {} if recon else self.token_pruning
+        token_index = None  # [B, n] positions of the patches still present (sorted); None: all of them
         auxes = []
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
+            args = (x, grid, recon, self.attn_impl, collect, token_index, i in pruning)
             if self.grad_checkpointing and torch.is_grad_enabled() and not collect:
-                x, aux = checkpoint(block, x, grid, recon, self.attn_impl, False, use_reentrant=False)
+                x, aux = checkpoint(block, *args, use_reentrant=False)
             else:
-                x, aux = block(x, grid, recon, self.attn_impl, collect)
+                x, aux = block(*args)
+            if i in pruning:
+                x, token_index = self._prune_tokens(x, token_index, aux["cls_attn"],
+                                                    math.ceil(pruning[i] * grid[0] * grid[1]))
+            aux["token_index"] = token_index
             auxes.append(aux)
+        if token_index is not None:  # back on the full grid, pruned patches zero
+            index = token_index[..., None].expand(-1, -1, x.shape[-1])
+            patches = x.new_zeros(x.shape[0], grid[0] * grid[1], x.shape[-1]).scatter(1, index, x[:, 1:])
+            x = torch.cat([x[:, :1], patches], dim=1)
         return x, auxes
+
+    @staticmethod
+    def _prune_tokens(x: torch.Tensor, token_index: torch.Tensor | None, cls_attn: torch.Tensor,
+                      keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keep the ``keep`` patches of ``x [B, 1+n, C]`` the cls query attends to most (``cls_attn [B, heads, 1+n]``
+        averaged over heads; the official score) -> ``(x [B, 1+keep, C], token_index [B, keep])``, in grid order."""
+        score = cls_attn[:, :, 1:].mean(dim=1)  # [B, n]
+        order = score.topk(min(keep, score.shape[1]), dim=-1, sorted=False)[1].sort(dim=-1)[0]  # [B, keep]
+        patches = x[:, 1:].gather(1, order[..., None].expand(-1, -1, x.shape[-1]))
+        token_index = order if token_index is None else token_index.gather(1, order)
+        return torch.cat([x[:, :1], patches], dim=1), token_index
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Tokens after the last block, ``[B, 1 + ceil(H/p) * ceil(W/p), C]`` (cls first; before the final norm)."""
@@ -524,8 +611,10 @@ class Sparsifiner(nn.Module):
         """What the official ``forward`` returns: ``'x'`` (logits), ``'features'`` (final-norm patch tokens
         ``[B, N-1, C]``) and per-layer lists ``basis_coef_list``, ``approx_attn_list``, ``attn_mask_list`` (bool),
         ``masked_attn_list``, ``unmasked_attn_list`` (dense ``[B, heads, N, N]`` probabilities, for the losses) and
-        ``token_mask_list`` (all None: no token pruning). In eval also the mean ``basis_sparsity``,
-        ``basis_coef_sparsity`` and ``attn_mask_sparsity`` over layers."""
+        ``token_mask_list`` (with token pruning, the patches present after each block as a bool ``[B, N-1]``;
+        None before the first pruning). In eval also the mean ``basis_sparsity``, ``basis_coef_sparsity`` and
+        ``attn_mask_sparsity`` over layers. With token pruning, the per-layer tensors of a block are over the tokens
+        present in it (the official ones keep every token, the pruned ones zeroed)."""
         tokens, grid = self._embed(x)
         tokens, auxes = self._blocks(tokens, grid, collect=True)
         normed = self.norm(tokens) if self.norm is not None else tokens
@@ -534,7 +623,10 @@ class Sparsifiner(nn.Module):
             "features": normed[:, 1:],
             **{f"{key}_list": [a[key] for a in auxes]
                for key in ("basis_coef", "approx_attn", "attn_mask", "masked_attn", "unmasked_attn")},
-            "token_mask_list": [None] * len(auxes),
+            "token_mask_list": [None if a["token_index"] is None else
+                                torch.zeros(tokens.shape[0], tokens.shape[1] - 1, dtype=torch.bool,
+                                            device=tokens.device).scatter_(1, a["token_index"], True)
+                                for a in auxes],
         }
         if not self.training:
             def sparsity(t: torch.Tensor) -> torch.Tensor:
