@@ -1,6 +1,9 @@
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 
 import bench_models  # noqa: E402
@@ -97,12 +100,37 @@ def test_sparsifiner_flops_count_the_kept_pairs_and_the_report_checks_the_target
     assert flops["projections"] == 2 * N * C * (3 * C + C)
     c, K = d // 2, N // 6  # the predictor: q, k to c channels, keys to K tokens, coefficients, coef @ U
     assert flops["predictor"] == 2 * H * (2 * N * d * c + c * N * K + N * c * K + (N - 1) * K * N)
-    layer_ms = {"dense SDPA": 10.0, "sparse csr": 20.0, "predictor": 30.0, "MHSA dense (timm)": 40.0,
-                "MHSA Sparsifiner (csr)": 80.0}
+    layer_ms = {"dense SDPA": 10.0, "sparse csr": 20.0, "predictor": 30.0, "predictor's top-k selection": 25.0,
+                "MHSA dense (timm)": 40.0, "MHSA Sparsifiner (csr)": 80.0}
+    share = bench_sparsifiner.token_share(12, 0.7, (3, 6, 9), 196)
+    assert share == pytest.approx((4 * 197 + 3 * 139 + 3 * 98 + 2 * 69) / (12 * 197))  # ceil(0.7**j * 196) + cls
     row = {"variant": "sparsifiner_deit_tiny", "dense": "deit_tiny_patch16_224", "batch": 32, "depth": 12,
-           "flops": flops, "layer_ms": layer_ms, "images_per_s": {"dense": 100.0, "sparse": 50.0},
-           "core_share": 0.12, "amdahl_bound": 1 / 0.88}
+           "tokens": 197, "budget": 50, "flops": flops, "layer_ms": layer_ms,
+           "images_per_s": {"dense": 100.0, "sparse": 50.0, "dense pruned": 150.0, "sparse pruned": 90.0},
+           "core_share": 0.12, "amdahl_bound": 1 / 0.88,
+           "token_pruning": {"keep_rate": 0.7, "loc": (3, 6, 9), "token_share": share}}
     text = bench_sparsifiner.render_sparsifiner([row])
     assert "| attention core (QK^T, AV) | 29.8 M | 7.7 M | 0.26 |" in text
     assert "| MHSA Sparsifiner (csr) | 80.0 | 0.50x |" in text and "| sparse csr | 20.0 | 0.50x |" in text
-    assert "Whole-model speedup: 0.50x; target >= 1.2x: NOT met." in text and "at most 1.14x faster" in text
+    assert "Whole-model speedup (attention sparsity, the released configuration): 0.50x; target >= 1.2x: NOT met." \
+        in text and "at most 1.14x faster" in text
+    assert "| sparsifiner_deit_tiny (csr) + token pruning | 90.0 |" in text
+    assert "0.70 after block 3, 0.49 after block 6, 0.34 after block 9" in text
+    assert "0.90x dense DeiT (target NOT met)" in text and "dense DeiT alone gives 1.50x" in text
+    assert "the combined model is 0.60x" in text and "top-50-of-197 selection per query (25.0 ms" in text
+
+
+def test_dense_token_pruning_reference_is_timms_deit_without_pruning_and_keeps_the_cls_attended_patches():
+    import bench_sparsifiner
+
+    dense, _ = bench_sparsifiner.build_pair("sparsifiner_deit_tiny")
+    images = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        reference = dense(images)
+        torch.testing.assert_close(bench_sparsifiner.dense_token_pruned(dense, images, keep_rate=1.0), reference,
+                                   atol=1e-5, rtol=1e-5)
+        # pruning after the last block drops patches the head never reads: the logits are unchanged
+        torch.testing.assert_close(bench_sparsifiner.dense_token_pruned(dense, images, 0.5, (11,)), reference,
+                                   atol=1e-5, rtol=1e-5)
+        pruned = bench_sparsifiner.dense_token_pruned(dense, images, 0.5, (2,))
+    assert pruned.shape == reference.shape and not torch.allclose(pruned, reference, atol=1e-3)

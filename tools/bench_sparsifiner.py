@@ -14,12 +14,17 @@ real wall-clock speedup (>= 1.2x). Everything below comes from one run, side by 
   weights (its predictors random, as before phase 1; the mask pattern does not change the cost).
 - Amdahl's bound: the share of dense DeiT's time spent in the attention core, and the model speedup if that core
   cost nothing at all.
+- Token pruning (the official option, off in the released config; the paper combines it with attention sparsity):
+  Sparsifiner with ``token_keep_rate`` 0.7 after blocks 3, 6 and 9 (DynamicViT's DeiT-S schedule), against the same
+  pruning on dense DeiT (:func:`dense_token_pruned`: timm's blocks, cls-attention scores), which separates what
+  pruning saves from what the sparse attention saves.
 
 Callables take turns (one call each per repetition) so that a change in machine speed affects all of them alike.
 """
 
 from __future__ import annotations
 
+import math
 import platform
 import statistics
 import time
@@ -33,6 +38,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 BATCH = 32
+TOKEN_KEEP_RATE, TOKEN_PRUNING_LOC = 0.7, (3, 6, 9)  # DynamicViT's DeiT-S schedule
 TIMM_OF = {"sparsifiner_deit_tiny": "deit_tiny_patch16_224", "sparsifiner_deit_small": "deit_small_patch16_224",
            "sparsifiner_deit_base": "deit_base_patch16_224"}
 
@@ -58,19 +64,45 @@ def count_flops(fn: Callable[[], Any]) -> int:
     return counter.get_total_flops()
 
 
-def build_pair(variant: str) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """``(dense timm DeiT, Sparsifiner)`` of the same size and weights, in eval mode (random init, no download)."""
+def build_pair(variant: str, **sparse_kwargs: Any) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """``(dense timm DeiT, Sparsifiner)`` of the same size and weights, in eval mode (random init, no download);
+    ``sparse_kwargs`` go to the Sparsifiner factory (e.g. ``token_keep_rate``)."""
     import timm
 
     from attnseg.registry import BACKBONES
 
     torch.manual_seed(0)
     dense = timm.create_model(TIMM_OF[variant], pretrained=False).eval()
-    sparse = BACKBONES.get(variant)(num_classes=1000, pyramid=False).eval()
+    sparse = BACKBONES.get(variant)(num_classes=1000, pyramid=False, **sparse_kwargs).eval()
     missing, unexpected = sparse.load_state_dict(dense.state_dict(), strict=False)
     if unexpected or any(".mask_predictor." not in k for k in missing):
         raise RuntimeError(f"timm {TIMM_OF[variant]} and {variant} disagree: {missing=} {unexpected=}")
     return dense, sparse
+
+
+def dense_token_pruned(dense: torch.nn.Module, images: torch.Tensor, keep_rate: float = TOKEN_KEEP_RATE,
+                       loc: tuple[int, ...] = TOKEN_PRUNING_LOC) -> torch.Tensor:
+    """Logits ``[B, classes]`` of timm's dense DeiT with Sparsifiner's token pruning: after block ``loc[j]`` the
+    ``ceil(keep_rate**(j+1) * patches)`` patches with the largest cls attention (mean over heads) stay, the others are
+    dropped (:class:`~attnseg.backbones.sparsifiner.Sparsifiner` with ``token_keep_rate``, minus its sparse
+    attention). The attention itself is timm's (SDPA); only the cls row's probabilities are computed again, for the
+    scores. With ``keep_rate`` 1 it is timm's forward."""
+    x = dense.norm_pre(dense._pos_embed(dense.patch_embed(images)))
+    patches = x.shape[1] - 1
+    rates = {i: keep_rate ** (j + 1) for j, i in enumerate(loc)} if keep_rate < 1 else {}
+    for i, block in enumerate(dense.blocks):
+        attn, y = block.attn, block.norm1(x)
+        B, N, C = y.shape
+        q, k, v = attn.qkv(y).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C)
+        x = x + block.drop_path1(block.ls1(attn.proj(out)))
+        x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+        if i in rates:
+            score = ((q[:, :, :1] @ k.transpose(-2, -1)) * attn.scale).softmax(-1)[:, :, 0, 1:].mean(1)  # [B, N-1]
+            keep = score.topk(min(math.ceil(rates[i] * patches), N - 1), dim=-1)[1].sort(dim=-1)[0] + 1
+            x = torch.cat([x[:, :1], x.gather(1, keep[..., None].expand(-1, -1, C))], dim=1)
+    return dense.forward_head(dense.norm(x))
 
 
 def layer_inputs(sparse: torch.nn.Module, batch: int) -> dict[str, Any]:
@@ -82,7 +114,8 @@ def layer_inputs(sparse: torch.nn.Module, batch: int) -> dict[str, Any]:
     with torch.inference_mode():
         q, k, v = attn.qkv(x).reshape(batch, 197, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         aux = attn.mask_predictor(q, k, sparse.grid)
-    return {"x": x, "q": q, "k": k, "v": v, "indices": aux["indices"], "mask": aux["attn_mask"], "scale": attn.scale}
+    return {"x": x, "q": q, "k": k, "v": v, "indices": aux["indices"], "mask": aux["attn_mask"], "scale": attn.scale,
+            "approx_attn": aux["approx_attn"]}
 
 
 def layer_flops(dense: torch.nn.Module, sparse: torch.nn.Module, one: dict[str, torch.Tensor]) -> dict[str, int]:
@@ -112,6 +145,9 @@ def bench_variant(variant: str, batch: int = BATCH, layer_reps: int = 10, model_
     )
 
     dense, sparse = build_pair(variant)
+    pruned = build_pair(variant, token_keep_rate=TOKEN_KEEP_RATE, token_pruning_loc=TOKEN_PRUNING_LOC)[1]
+    pruned.load_state_dict(sparse.state_dict())  # the same predictors too
+    pruned.attn_impl = "csr"
     t = layer_inputs(sparse, batch)
     q, k, v, idx, scale = t["q"], t["k"], t["v"], t["indices"], t["scale"]
     attn, timm_attn = sparse.blocks[0].attn, dense.blocks[0].attn
@@ -126,18 +162,37 @@ def bench_variant(variant: str, batch: int = BATCH, layer_reps: int = 10, model_
             "sparse gather": lambda: sparse_attention_gather(q, k, v, idx, scale, chunk=28),
             "masked (official)": lambda: sparse_attention_masked(q, k, v, t["mask"], scale),
             "predictor": lambda: attn.mask_predictor(q, k, sparse.grid, mask=False),
+            "predictor's top-k selection": lambda: t["approx_attn"].topk(idx.shape[-1], sorted=False),
             "MHSA dense (timm)": lambda: timm_attn(t["x"]),
             "MHSA Sparsifiner (csr)": lambda: attn(t["x"], sparse.grid, impl="csr"),
         }, layer_reps)
-        model_ms = take_turns({"dense": lambda: dense(images), "sparse": lambda: sparse(images)}, model_reps)
+        model_ms = take_turns({
+            "dense": lambda: dense(images),
+            "sparse": lambda: sparse(images),
+            "dense pruned": lambda: dense_token_pruned(dense, images),
+            "sparse pruned": lambda: pruned(images),
+        }, model_reps)
     depth = len(sparse.blocks)
     share = depth * layer_ms["dense SDPA"] / model_ms["dense"]
     return {
         "variant": variant, "dense": TIMM_OF[variant], "batch": batch, "tokens": 197, "budget": idx.shape[-1],
         "depth": depth, "flops": flops, "layer_ms": layer_ms,
-        "images_per_s": {"dense": batch * 1e3 / model_ms["dense"], "sparse": batch * 1e3 / model_ms["sparse"]},
+        "images_per_s": {name: batch * 1e3 / ms for name, ms in model_ms.items()},
         "core_share": share, "amdahl_bound": 1 / (1 - share),
+        "token_pruning": {"keep_rate": TOKEN_KEEP_RATE, "loc": TOKEN_PRUNING_LOC,
+                          "token_share": token_share(depth, TOKEN_KEEP_RATE, TOKEN_PRUNING_LOC, 196)},
     }
+
+
+def token_share(depth: int, keep_rate: float, loc: tuple[int, ...], patches: int) -> float:
+    """Mean over blocks of the tokens a block sees (cls included) with the pruning schedule, as a fraction of
+    ``1 + patches``."""
+    present, total = patches, 0
+    for i in range(depth):
+        total += 1 + present
+        if i in loc:
+            present = math.ceil(keep_rate ** (loc.index(i) + 1) * patches)
+    return total / (depth * (1 + patches))
 
 
 def bench_sparsifiner(variants: tuple[str, ...] = ("sparsifiner_deit_small",), **kwargs: Any) -> list[dict[str, Any]]:
@@ -185,20 +240,43 @@ def render_sparsifiner(rows: list[dict[str, Any]]) -> str:
             ref = ms["MHSA dense (timm)"] if name.startswith("MHSA") else ms["dense SDPA"]
             lines.append(f"| {name} | {value:.1f} | {ref / value:.2f}x |")
         speedup = ips["sparse"] / ips["dense"]
+        topk_ms = ms.get("predictor's top-k selection")
         lines += [
             "",
             f"| whole model, batch {r['batch']} | images/s |",
             "|---|---|",
             f"| {r['dense']} | {ips['dense']:.1f} |",
             f"| {r['variant']} (csr) | {ips['sparse']:.1f} |",
+        ]
+        tp = r.get("token_pruning")
+        if tp:
+            rates = ", ".join(f"{tp['keep_rate'] ** (j + 1):.2f} after block {i}" for j, i in enumerate(tp["loc"]))
+            lines += [
+                f"| {r['dense']} + token pruning | {ips['dense pruned']:.1f} |",
+                f"| {r['variant']} (csr) + token pruning | {ips['sparse pruned']:.1f} |",
+            ]
+        lines += [
             "",
-            f"- Whole-model speedup: {speedup:.2f}x; target >= 1.2x: {'met' if speedup >= 1.2 else 'NOT met'}.",
+            f"- Whole-model speedup (attention sparsity, the released configuration): {speedup:.2f}x; target >= 1.2x: "
+            f"{'met' if speedup >= 1.2 else 'NOT met'}.",
+        ]
+        if tp:
+            both, pruning = ips["sparse pruned"] / ips["dense"], ips["dense pruned"] / ips["dense"]
+            lines += [
+                f"- With the official token pruning as well ({rates} of the patches kept; the blocks see "
+                f"{100 * tp['token_share']:.0f}% of the tokens on average): {both:.2f}x dense DeiT "
+                f"(target {'met' if both >= 1.2 else 'NOT met'}), while the same pruning on dense DeiT alone gives "
+                f"{pruning:.2f}x: the attention sparsity's own share of the combined model is "
+                f"{ips['sparse pruned'] / ips['dense pruned']:.2f}x.",
+            ]
+        lines += [
             f"- The dense attention core takes {100 * r['core_share']:.0f}% of dense DeiT's time here "
             f"({r['depth']} x {ms['dense SDPA']:.1f} ms per batch), so even a sparse attention that cost nothing "
             f"would make the model at most {r['amdahl_bound']:.2f}x faster (Amdahl's bound).",
             f"- The predictor alone takes {ms['predictor']:.1f} ms per layer against {ms['dense SDPA']:.1f} ms for "
-            "the dense core it is meant to thin out: its top-50-of-197 selection per query costs more on a CPU "
-            "than the 197 dense dot products it avoids.",
+            f"the dense core it is meant to thin out: its top-{r['budget']}-of-{r['tokens']} selection per query"
+            + (f" ({topk_ms:.1f} ms, `torch.topk`)" if topk_ms is not None else "")
+            + f" costs more on a CPU than the {r['tokens']} dense dot products it avoids.",
             "",
         ]
     return "\n".join(lines)

@@ -34,10 +34,11 @@ Faithfulness and additions:
   not been run on a GPU yet). The official code builds the dense ``N x N`` logits and masks them (``"masked"``, kept
   as the reference); all agree to float rounding (tested). Candidly, on a CPU this saves FLOPs, not time
   (``python tools/benchmark.py sparsifiner``, docs/benchmarks.md; DeiT-S, batch 32, 2 threads): the kept keys
-  cost 0.26x the dense core's FLOPs, but csr takes 47 ms per layer against dense SDPA's 20 ms, and the predictor
-  itself (its top-50-of-197 selection per query above all) takes 82 ms; the whole model runs at 0.66x dense
-  DeiT's images/s. No kernel can change the verdict there: the dense core is 12% of DeiT-S's time, so even free
-  sparse attention would give at most 1.14x.
+  cost 0.26x the dense core's FLOPs, but csr takes 45 ms per layer against dense SDPA's 19 ms, and the predictor
+  itself takes 77 ms (47 of them in ``torch.topk``'s top-50-of-197 selection per query); the whole model runs at
+  0.64x dense DeiT's images/s. No kernel can change the verdict there: the dense core is 11% of DeiT-S's time, so
+  even free sparse attention would give at most 1.12x. With token pruning (keep 0.7 after blocks 3, 6, 9) as
+  well, the model reaches 1.00x dense DeiT, where the same pruning on dense DeiT alone gives 1.59x.
 - :meth:`Sparsifiner.forward_official` returns the official ``forward``'s dict (logits ``'x'``, ``'features'`` and
   the per-layer ``basis_coef``, ``approx_attn``, ``attn_mask``, ``masked_attn``, ``unmasked_attn`` lists);
   ``attn_mask`` is boolean here (the official one is a 0/1 float tensor).
