@@ -78,10 +78,11 @@ def _teacher_file(tmp_path):
     return path
 
 
-def _config(tmp_path, phase, **extra):
+def _config(tmp_path, phase, student=None, **extra):
     return validate_config({
         "task": "classification", "work_dir": str(tmp_path / f"work_{phase}"),
-        "model": {"backbone": {"name": "test_sparsifiner", "pyramid": False}, "num_classes": NUM_CLASSES},
+        "model": {"backbone": {"name": "test_sparsifiner", "pyramid": False, **(student or {})},
+                  "num_classes": NUM_CLASSES},
         "data": {"dataset": {"name": "imagefolder", "root": str(tmp_path / "data"), "image_size": [64, 64]},
                  "batch_size": 4, "augment": None},
         "optimizer": {"lr": 0.01},
@@ -93,8 +94,8 @@ def _config(tmp_path, phase, **extra):
     })
 
 
-def _task(tmp_path, phase):
-    cfg = _config(tmp_path, phase)
+def _task(tmp_path, phase, student=None):
+    cfg = _config(tmp_path, phase, student)
     torch.manual_seed(0)
     task = DistillationTask(build_model(cfg), cfg.model_dump(mode="json"))
     task.setup("fit")  # builds the teacher from distillation.teacher
@@ -169,6 +170,27 @@ def test_phase_backbone_trains_everything_but_the_predictors_with_ce_kl_and_toke
     assert {"patch_embed.proj.weight", "blocks.0.attn.qkv.weight", "blocks.1.mlp.fc2.weight", "head.weight",
             "norm.weight", "pos_embed", "cls_token"} <= changed
     assert not _changed(t0, teacher.state_dict())
+
+
+@pytest.mark.parametrize("phase", ["predictor", "backbone"])
+def test_token_pruning_student_prunes_in_the_backbone_phase_only(tmp_path, phase):
+    """The official token pruning is off in the attention-reconstruction phase; in the backbone phase the pruned
+    patches reach the token loss as the final norm of zero tokens (the official features)."""
+    task = _task(tmp_path, phase, {"token_keep_rate": 0.5, "token_pruning_loc": [0]})
+    student = task.model.backbone
+    with torch.no_grad():
+        torch.manual_seed(2)
+        out = student.forward_official(torch.randn(4, 3, 64, 64))
+    masks = out["token_mask_list"]
+    if phase == "predictor":
+        assert masks == [None, None]
+    else:
+        assert masks[0].sum(1).tolist() == [8] * 4 and torch.equal(masks[1], masks[0])  # 16 patches -> 8
+        pruned = ~masks[-1]
+        zero_token = student.norm(torch.zeros(student.embed_dim))
+        torch.testing.assert_close(out["features"][pruned], zero_token.expand(int(pruned.sum()), -1))
+    _, _, first = _steps(task, n=1)
+    assert all(torch.isfinite(v) for v in first.values())
 
 
 def test_teacher_sees_the_mixed_images_the_student_sees(tmp_path):
