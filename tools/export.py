@@ -56,7 +56,7 @@ SUPPORT_MATRIX: list[tuple[str, str, int, tuple[int, ...]]] = [
     ("backbone", "halonet_h0", 3, (64, 64)),
     ("model", "test_msga", 1, (64, 64)),
     ("model", "test_att_swin_unet", 3, (64, 64)),
-    ("model", "test_hybridgnet_2igsc", 1, (64, 64)),
+    ("model", "test_hybridgnet_2igsc", 1, (128, 128)),  # its flattening latent needs exactly 128
     ("pair:unetr", "nat_mini", 3, (64, 64)),
     ("backbone", "nat_isotropic_small", 3, (64, 64)),
     ("backbone", "vitrpb_small", 3, (64, 64)),

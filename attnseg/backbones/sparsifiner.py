@@ -29,9 +29,9 @@ Faithfulness and additions:
 
 - Attention is computed on the kept keys only (``O(N * budget * d)`` per head): in inference by PyTorch's sparse CSR
   kernels (sampled dense-dense product for the logits, sparse-dense product with ``v``; ``attn_impl="csr"``), with
-  autograd by gathering each query's keys and values (``"gather"``); ``"auto"`` (default) picks csr in CPU inference
-  and the masked formulation with gradient (the fastest to train, see below) or on other devices (the CSR path has
-  not been run on a GPU yet). The official code builds the dense ``N x N`` logits and masks them (``"masked"``, kept
+  autograd by gathering each query's keys and values (``"gather"``); ``"auto"`` (default) picks csr in eager CPU
+  inference and the masked formulation with gradient (the fastest to train, see below), when traced (compile,
+  export) or on other devices (the CSR path has not been run on a GPU yet). The official code builds the dense ``N x N`` logits and masks them (``"masked"``, kept
   as the reference); all agree to float rounding (tested). Candidly, on a CPU this saves FLOPs, not time
   (``python tools/benchmark.py sparsifiner``, docs/benchmarks.md; DeiT-S, batch 32, 2 threads): the kept keys
   cost 0.26x the dense core's FLOPs, but csr takes 45 ms per layer against dense SDPA's 19 ms, and the predictor
@@ -201,7 +201,9 @@ class ConnectivityPredictor(nn.Module):
                 out["indices"] = approx_attn.topk(budget, sorted=False)[1]  # [B, heads, N-1, budget]
                 if not mask:
                     return out
-                keep = torch.zeros_like(approx_attn, dtype=torch.bool).scatter_(-1, out["indices"], True)
+                # a tensor source, not the scalar True: jit.trace has no alias info for scatter_(.., bool)
+                keep = torch.zeros_like(approx_attn, dtype=torch.bool).scatter_(
+                    -1, out["indices"], torch.ones_like(out["indices"], dtype=torch.bool))
             else:
                 keep = approx_attn > self.score_threshold
             cls_row = keep.new_ones(*keep.shape[:2], 1, N)
@@ -325,7 +327,10 @@ class SparseAttention(nn.Module):
         dropout = self.attn_drop.p > 0 and self.training
         # auto: the CSR kernels in CPU inference; with gradient, or on devices where they were never tested, the
         # masked formulation
-        dense_auto = impl == "auto" and ((torch.is_grad_enabled() and x.requires_grad) or x.device.type != "cpu")
+        # sparse CSR tensors have no autograd and cannot be traced (torch.compile / export / jit.trace)
+        tracing = torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
+        dense_auto = impl == "auto" and ((torch.is_grad_enabled() and x.requires_grad) or x.device.type != "cpu"
+                                         or tracing)
         masked = (recon or return_attn or dropout or impl == "masked" or dense_auto
                   or not self.mask_predictor.score_topk)
         aux = self.mask_predictor(q, k, grid, recon=recon, mask=masked, token_index=token_index)
@@ -397,8 +402,9 @@ class Sparsifiner(nn.Module):
         token_pruning_loc: block indices that prune (official ``SPAR.TOKEN_PRUNING_LOC``, default ``(3, 6, 9)``;
             the official keep-rate list ``[1]*3 + [r]*3 + [r**2]*3 + [r**3]*3`` gives these the rates r, r², r³).
         attn_impl: attention on the kept keys only by ``"csr"`` (sparse CSR kernels, no autograd) or ``"gather"``
-            (gathered keys and values, autograd), ``"auto"`` (csr in CPU inference, else masked), or ``"masked"``
-            (dense logits masked, as the official code); same results to float rounding.
+            (gathered keys and values, autograd), ``"auto"`` (csr in eager CPU inference, else masked, e.g. when
+            traced for export), or ``"masked"`` (dense logits masked, as the official code); same results to float
+            rounding.
         drop_rate, attn_drop_rate, drop_path_rate: dropout, attention dropout, stochastic depth (linear).
         out_indices: simple-feature-pyramid levels (0..3: strides 4, 8, 16, 32) of :meth:`forward_pyramid`.
         pyramid: build the simple feature pyramid (else :meth:`forward_pyramid` returns the stride-16 map alone).

@@ -203,7 +203,9 @@ def region_masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i
     if tokens != sy * h * sx * w or index.shape[:2] != (batch, sy * sx):
         raise ValueError(f"q has {tokens} tokens and index {list(index.shape)}; a {sy}x{sx} grid of {h}x{w} regions "
                          f"needs {sy * h * sx * w} tokens and index [{batch}, {sy * sx}, topk]")
-    routed = torch.zeros(batch, sy * sx, sy * sx, dtype=torch.bool, device=q.device).scatter_(2, index, True)
+    # a tensor source, not the scalar True: jit.trace has no alias info for scatter_(.., bool)
+    routed = torch.zeros(batch, sy * sx, sy * sx, dtype=torch.bool, device=q.device).scatter_(
+        2, index, torch.ones_like(index, dtype=torch.bool))
     ys, xs = torch.arange(sy * h, device=q.device), torch.arange(sx * w, device=q.device)
     region_of = ((ys // h)[:, None] * sx + (xs // w)[None, :]).reshape(-1)  # [N] region of each token
     mask = routed[:, region_of][:, :, region_of]  # [B, N, N]

@@ -61,6 +61,20 @@ def test_model_sparse_and_masked_give_the_same_outputs(size, impl):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+def test_auto_attention_is_traceable_for_export():
+    """Sparse CSR tensors cannot be traced: under torch.export (and jit.trace) ``auto`` takes the masked path,
+    whose program gives the eager csr outputs."""
+    model = _randomize(BACKBONES.get("test_sparsifiner")(num_classes=7)).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        eager = model(x)  # auto: csr in eager CPU inference
+        program = torch.export.export(model, (x,))
+        traced = torch.jit.trace(model, (x,), check_trace=False)
+        torch.testing.assert_close(program.module()(x), eager, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(traced(x), eager, atol=1e-5, rtol=1e-5)
+    assert not any("sparse" in str(node.target) for node in program.graph.nodes)
+
+
 def test_mask_rows_budget_and_no_gradient():
     model = _randomize(BACKBONES.get("test_sparsifiner")(num_classes=3, keep_rate=[0.25, 0.5], pyramid=False))
     out = model.forward_official(torch.randn(2, 3, 64, 64))
