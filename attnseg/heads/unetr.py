@@ -96,6 +96,8 @@ class UNETRHead(nn.Module):
         torch.Size([1, 2, 32, 32, 32])
     """
 
+    reads_image = True  # encoder1 / stem2 convolve the image itself, not only its size
+
     def __init__(
         self,
         in_channels: Sequence[int],

@@ -39,9 +39,16 @@ The mm backbone contract (:class:`MMBackbone`, one subclass per name):
   (``Kaiming``, ``Normal`` ...) go to mmengine's initialisers.
 - ``norm_eval=True`` keeps the backbone's batch-norm layers in eval mode while training (mm's flag).
 
-attnseg heads are not registered: an mmseg decode head is an ``mmseg.models.BaseDecodeHead`` (losses, ``predict``
-on data samples), which cannot be built without mmseg and mmcv's compiled ops; use mmseg's heads (UPerHead, FPN
-neck + FPNHead ...) on these backbones, or attnseg's own ``Segmentor`` for attnseg heads.
+attnseg heads as mmseg decode heads (:func:`mm_decode_head`, ``type='attnseg.DecodeHead'``): the heads that fit
+mmseg's contract, i.e. that compute per-pixel class logits from the feature maps alone (Att-SwinU-Net's decoder).
+The others do not fit and are refused by name: UNETR convolves the image itself (a decode head never sees it),
+ConnNet/DconnNet, MSGA and HybridGNet have their own outputs and losses (connectivity maps, deep supervision,
+landmarks). The class is made on first build, as a subclass of mmseg's ``BaseDecodeHead`` (so mmseg is imported
+then, not when this module is)::
+
+    decode_head=dict(type='attnseg.DecodeHead', head='att_swin_unet', in_channels=[96, 192, 384, 768],
+                     in_index=[0, 1, 2, 3], strides=[4, 8, 16, 32], num_classes=150,
+                     loss_decode=dict(type='CrossEntropyLoss', use_sigmoid=False, loss_weight=1.0))
 """
 
 from __future__ import annotations
@@ -64,9 +71,9 @@ except ImportError as e:  # pragma: no cover - exercised only without mmengine
 import torch
 from torch import nn
 
-from attnseg.registry import BACKBONES
+from attnseg.registry import BACKBONES, HEADS
 
-__all__ = ["SCOPE", "ATTNSEG_MODELS", "MMBackbone", "mm_backbone_class", "register_mm_models"]
+__all__ = ["SCOPE", "ATTNSEG_MODELS", "MMBackbone", "mm_backbone_class", "mm_decode_head", "register_mm_models"]
 
 SCOPE = "attnseg"
 
@@ -234,15 +241,102 @@ def mm_backbone_class(name: str) -> type[MMBackbone]:
     return type(cls_name, (MMBackbone,), {"attnseg_name": name, "__doc__": doc, "__module__": __name__})
 
 
+def _head_misfit(name: str) -> str | None:
+    """Why the attnseg head ``name`` cannot be an mmseg decode head, or None if it can."""
+    head_cls = HEADS.get(name)
+    kind = getattr(head_cls, "output_kind", "logits")
+    if kind != "logits":
+        return (f"its output is {kind!r}, with its own loss (attnseg.engine.losses), not the per-pixel class logits "
+                "mmseg's decode-head losses take")
+    if getattr(head_cls, "reads_image", False):
+        return "it convolves the input image itself, and an mmseg decode head is given the feature maps only"
+    return None
+
+
+_DECODE_HEAD_CLASS: type | None = None
+
+
+def _decode_head_class() -> type:
+    """The decode-head class: a subclass of mmseg's ``BaseDecodeHead``, made once (importing mmseg)."""
+    global _DECODE_HEAD_CLASS
+    if _DECODE_HEAD_CLASS is not None:
+        return _DECODE_HEAD_CLASS
+    try:
+        from mmseg.models.decode_heads.decode_head import BaseDecodeHead
+    except ImportError as e:
+        raise ImportError("attnseg.DecodeHead is an mmseg decode head and needs mmsegmentation (and mmcv): see "
+                          f"docs/mm.md for installing them ({e})") from e
+
+    class AttnsegDecodeHead(BaseDecodeHead):
+        """An attnseg head as an mmseg decode head: the ``in_index`` levels of the backbone's tuple go to the attnseg
+        head, whose logits ``[B, num_classes, H, W]`` are at ``strides[0]`` times the first selected level's size
+        (the padded input size for a stride-4 pyramid). ``loss`` / ``predict`` are mmseg's (``loss_decode``,
+        resizing to the labels or the image)."""
+
+        def __init__(self, head: str, in_channels: Sequence[int], strides: Sequence[int], num_classes: int,
+                     in_index: Sequence[int] | None = None, head_cfg: dict | None = None, **kwargs: Any) -> None:
+            in_channels = [int(c) for c in in_channels]
+            in_index = list(range(len(in_channels))) if in_index is None else [int(i) for i in in_index]
+            if len(in_index) != len(in_channels) or len(strides) != len(in_channels):
+                raise ValueError(f"attnseg.DecodeHead({head!r}): in_channels {in_channels}, in_index {in_index} and "
+                                 f"strides {list(strides)} need one entry per level")
+            # channels: mmseg's conv_seg width, unused here (the attnseg head has its own classifier)
+            super().__init__(in_channels=in_channels, channels=in_channels[0], num_classes=num_classes,
+                             in_index=in_index, input_transform="multiple_select", **kwargs)
+            del self.conv_seg
+            self.strides = [int(s) for s in strides]
+            self.head_name = head
+            self.head = HEADS.get(head)(in_channels, self.strides, num_classes=self.out_channels,
+                                        **(head_cfg or {}))
+
+        def forward(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+            features = self._transform_inputs(inputs)
+            size = [n * self.strides[0] for n in features[0].shape[2:]]
+            # the head takes the image for its size only (a zero-channel stand-in; heads reading it are refused)
+            image = features[0].new_empty((features[0].shape[0], 0, *size))
+            return self.head(list(features), image)
+
+    _DECODE_HEAD_CLASS = AttnsegDecodeHead
+    return AttnsegDecodeHead
+
+
+def mm_decode_head(head: str, in_channels: Sequence[int], strides: Sequence[int], num_classes: int,
+                   in_index: Sequence[int] | None = None, head_cfg: dict | None = None, **kwargs: Any) -> nn.Module:
+    """The attnseg head ``head`` as an mmseg decode head (configs: ``type='attnseg.DecodeHead'``).
+
+    Args:
+        head: an attnseg head name (``attnseg.registry.HEADS``) that fits: per-pixel logits from the feature maps
+            alone (``att_swin_unet``); the others raise a ``ValueError`` saying why.
+        in_channels, strides: channels and strides of the levels it reads (the backbone's ``feature_info``).
+        num_classes: classes (mmseg's rule: 2 classes with ``use_sigmoid`` losses give one output channel).
+        in_index: which levels of the backbone's tuple (default: all, in order).
+        head_cfg: keyword arguments of the attnseg head (e.g. ``dict(depths=(2, 2, 2, 2))``).
+        **kwargs: ``BaseDecodeHead``'s (``loss_decode``, ``ignore_index``, ``align_corners``, ``init_cfg``, ...).
+
+    Returns:
+        an ``mmseg.models.decode_heads.BaseDecodeHead`` whose ``forward(tuple of [B, C_i, H_i, W_i])`` gives logits
+        ``[B, out_channels, H, W]``.
+    """
+    misfit = _head_misfit(head)
+    if misfit is not None:
+        raise ValueError(f"attnseg.DecodeHead: the attnseg head {head!r} is not an mmseg decode head: {misfit}; "
+                         "train it with attnseg's own configs (tools/train.py)")
+    return _decode_head_class()(head, in_channels, strides, num_classes, in_index=in_index, head_cfg=head_cfg,
+                                **kwargs)
+
+
 def register_mm_models(registry: Registry = ATTNSEG_MODELS) -> list[str]:
-    """Register every attnseg backbone (``test_*`` CI variants included) into ``registry`` under its attnseg name;
-    names already there are kept. Returns the names added now."""
+    """Register every attnseg backbone (``test_*`` CI variants included) into ``registry`` under its attnseg name,
+    and :func:`mm_decode_head` as ``DecodeHead``; names already there are kept. Returns the names added now."""
     added = []
     for name in BACKBONES.names():
         if name in registry.module_dict:
             continue
         registry.register_module(name=name, module=mm_backbone_class(name))
         added.append(name)
+    if "DecodeHead" not in registry.module_dict:
+        registry.register_module(name="DecodeHead", module=mm_decode_head)
+        added.append("DecodeHead")
     return added
 
 
