@@ -43,6 +43,7 @@ submodule, e.g. the backbone of a Segmentor):
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import re
@@ -55,6 +56,8 @@ import torch
 from torch import nn
 
 from attnseg.errors import CheckpointError
+
+_logger = logging.getLogger(__name__)
 
 __all__ = ["LoadReport", "adapt_input_conv", "load_pretrained", "read_state_dict", "save_state_dict_atomic"]
 
@@ -267,7 +270,8 @@ def load_pretrained(
             its converter recognises as a whole published model, else ``model.backbone.family``).
 
     Returns:
-        A :class:`LoadReport`.
+        A :class:`LoadReport`, also logged (logger ``attnseg.checkpoint``): a warning when keys are missing or
+        unexpected (``strict=False``), else at info level.
 
     Raises:
         CheckpointError: a missing or unreadable file, a pickle needing code execution, a shape mismatch
@@ -366,6 +370,8 @@ def load_pretrained(
     if strict and (report.missing or report.unexpected):
         raise CheckpointError(f"{path} does not match {type(model).__name__}: {report}")
     model.load_state_dict(loadable, strict=False)
+    level = logging.WARNING if report.missing or report.unexpected else logging.INFO
+    _logger.log(level, "loaded %s into %s: %s", path, type(model).__name__, report)
     return report
 
 

@@ -1,3 +1,4 @@
+import logging
 import os
 import pickle
 
@@ -175,7 +176,7 @@ def test_checkpoint_of_another_model_names_the_mismatch(tmp_path):
         load_pretrained(_model(), tmp_path / "foreign.pth", strict=False)
 
 
-def test_strict_and_non_strict_missing_and_unexpected(tmp_path):
+def test_strict_and_non_strict_missing_and_unexpected(tmp_path, caplog):
     sd = _model(num_classes=4).state_dict()
     sd.pop("stages.3.blocks.0.fc2.bias")
     sd["extra.weight"] = torch.zeros(1)
@@ -183,9 +184,18 @@ def test_strict_and_non_strict_missing_and_unexpected(tmp_path):
     with pytest.raises(CheckpointError, match=r"c.pth does not match MambaOut: missing \(1\): "
                                               r"stages.3.blocks.0.fc2.bias; unexpected \(1\): extra.weight"):
         load_pretrained(_model(num_classes=4), tmp_path / "c.pth")
-    report = load_pretrained(_model(num_classes=4), tmp_path / "c.pth", strict=False)
-    assert isinstance(report, LoadReport)
-    assert report.missing == ["stages.3.blocks.0.fc2.bias"] and report.unexpected == ["extra.weight"]
+    with caplog.at_level(logging.INFO, logger="attnseg.checkpoint"):
+        report = load_pretrained(_model(num_classes=4), tmp_path / "c.pth", strict=False)
+        assert isinstance(report, LoadReport)
+        assert report.missing == ["stages.3.blocks.0.fc2.bias"] and report.unexpected == ["extra.weight"]
+        # the report is logged: a warning when keys are missing or unexpected, else info
+        assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
+            (logging.WARNING, f"loaded {tmp_path / 'c.pth'} into MambaOut: {report}")]
+        caplog.clear()
+        torch.save(_model(num_classes=4).state_dict(), tmp_path / "d.pth")
+        load_pretrained(_model(num_classes=4), tmp_path / "d.pth")
+        assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
+            (logging.INFO, f"loaded {tmp_path / 'd.pth'} into MambaOut: all keys matched")]
 
 
 def test_official_checkpoint_with_an_unplaceable_key(tmp_path):
