@@ -58,6 +58,14 @@ def test_torch_export_round_trip(tmp_path):
         torch.testing.assert_close(loaded(x), model(x), atol=1e-5, rtol=1e-5)
 
 
+def test_torch_export_of_relative_position_bias_keeps_the_size_dynamic(tmp_path):
+    """ViT-RPB's bias index is cached per size; symbolic sizes are computed instead (they are unhashable)."""
+    model = BACKBONES.get("vitrpb_small")(num_classes=5, depth=2, embed_dim=64, num_heads=2).eval()
+    report = export_torch(model, _x(1, 3, 64, 64), tmp_path / "m.pt2", name="vitrpb")
+    assert report.ok, report.summary()
+    assert report.dynamic_axes == {0: "batch", 2: "H", 3: "W"}
+
+
 def test_torch_export_needs_pt2_suffix(tmp_path):
     with pytest.raises(ValueError, match=r"\.pt2"):
         export_torch(BACKBONES.get("test_mambaout")(), _x(1, 3, 64, 64), tmp_path / "m.bin")

@@ -49,7 +49,9 @@ def relative_position_bias_2d(table: torch.Tensor, height: int, width: int) -> t
         raise ValueError(f"a 2D relative position table is [heads, odd, odd], got {list(table.shape)}")
     if height > (table.shape[1] + 1) // 2 or width > (table.shape[2] + 1) // 2:
         table = resize_rel_pos_table(table, (max(2 * height - 1, table.shape[1]), max(2 * width - 1, table.shape[2])))
-    index = _flat_offset_index(height, width, table.shape[1], table.shape[2], str(table.device))
+    # symbolic sizes (torch.export with dynamic shapes) are unhashable: computed, not cached
+    offsets = _flat_offset_index if isinstance(height, int) and isinstance(width, int) else _flat_offset_index.__wrapped__
+    index = offsets(height, width, table.shape[1], table.shape[2], str(table.device))
     return table.flatten(1)[:, index].view(table.shape[0], height * width, height * width)
 
 
