@@ -66,6 +66,19 @@ def test_torch_export_of_relative_position_bias_keeps_the_size_dynamic(tmp_path)
     assert report.dynamic_axes == {0: "batch", 2: "H", 3: "W"}
 
 
+def test_traced_exports_of_karat_and_biformer(tmp_path):
+    """Traced, KArAt takes plain ops (its custom autograd Function and batch-dependent chunking do not trace) and
+    BiFormer's routing mask scatters a tensor (jit.trace has no alias info for a scalar bool scatter)."""
+    karat = BACKBONES.get("test_karat")(num_classes=5).eval()
+    report = export_torch(karat, _x(1, 3, 64, 64), tmp_path / "k.pt2", name="karat")
+    assert report.ok and report.dynamic_axes == {0: "batch"}, report.summary()  # tokens fixed: KArAt's operators
+    report = export_torch(karat, _x(1, 3, 64, 64), tmp_path / "k.ts", format="torchscript", name="karat")
+    assert report.ok, report.summary()
+    biformer = BACKBONES.get("test_biformer")(num_classes=5).eval()
+    report = export_torch(biformer, _x(1, 3, 64, 64), tmp_path / "b.ts", format="torchscript", name="biformer")
+    assert report.ok and report.dynamic_axes == {0: "batch", 2: "H", 3: "W"}, report.summary()
+
+
 def test_torch_export_needs_pt2_suffix(tmp_path):
     with pytest.raises(ValueError, match=r"\.pt2"):
         export_torch(BACKBONES.get("test_mambaout")(), _x(1, 3, 64, 64), tmp_path / "m.bin")

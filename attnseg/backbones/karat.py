@@ -305,14 +305,17 @@ def kan_phi(x: torch.Tensor, coeff: torch.Tensor, basis: KANBasis, row_chunk: in
     ``analytic_derivative`` and no trainable parameters, a custom autograd function saves only its inputs and
     recomputes the features ``[B, h, n, M, num_functions]`` (and, given the keys, the logits) for ``n = row_chunk``
     query rows at a time in both passes (without a row_chunk, as many rows as keep a chunk under
-    ``_CHUNK_ELEMENTS``). Otherwise plain autograd over all rows, which stores the features. The same values and
+    ``_CHUNK_ELEMENTS``). Otherwise, and when traced for export, plain autograd over all rows, which stores the
+    features. The same values and
     gradients either way (up to rounding); the custom function gives first-order gradients only (double backward,
     e.g. a gradient penalty, needs ``memory_efficient=False`` on the operators).
     """
     B, H, N = x.shape[:3]
     M = x.shape[3] if key is None else key.shape[2]
     trainable = any(p.requires_grad for p in basis.parameters())
-    if not basis.analytic_derivative or (trainable and torch.is_grad_enabled()):
+    # traced (export, compile, jit.trace): plain ops; the custom Function and the size-dependent chunking do not trace
+    tracing = torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
+    if tracing or not basis.analytic_derivative or (trainable and torch.is_grad_enabled()):
         a = x if key is None else (x @ key.transpose(-1, -2)) * scale  # [B, h, N, M]
         return basis(a).reshape(B, H, N, -1) @ coeff  # [B, h, N, M nf] @ [h, M nf, r] -> [B, h, N, r]
     rows = row_chunk or max(1, _CHUNK_ELEMENTS // (B * H * M * basis.num_functions))
