@@ -228,6 +228,7 @@ def test_resume_flag_continues_from_last_checkpoint(tmp_path, capsys):
     assert train.main([str(cfg), "--resume", "--set", "trainer.max_epochs=2"]) == 0
     ckpt = torch.load(tmp_path / "work" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 4 and ckpt["epoch"] == 1
+    capsys.readouterr()  # the runs' own log lines (Lightning logs to stderr when this test runs alone)
     expect_error(capsys, train.main, [str(cfg), "--resume", "--work-dir", str(tmp_path / "fresh")],
                  "no checkpoint to resume from", "fresh")
 
@@ -236,5 +237,6 @@ def test_new_run_refuses_to_mix_with_earlier_checkpoints(tmp_path, capsys):
     cfg = tiny_cfg(tmp_path)
     assert train.main([str(cfg)]) == 0
     before = (tmp_path / "work" / "checkpoints" / "last.ckpt").read_bytes()
+    capsys.readouterr()
     expect_error(capsys, train.main, [str(cfg)], "already holds checkpoints of an earlier run", "--resume")
     assert (tmp_path / "work" / "checkpoints" / "last.ckpt").read_bytes() == before
