@@ -259,6 +259,36 @@ def _attempts(dynamic_batch: bool, dynamic_spatial: bool) -> list[tuple[bool, bo
     return list(dict.fromkeys(out))
 
 
+class _TensorOutputs(nn.Module):
+    """``model`` with its structured output (a dict or list: HybridGNet's landmarks, MSGA's training outputs) as the
+    tuple of its tensors in ``pytree`` order; ONNX graphs and traced TorchScript return tensors only."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(_leaves(self.model(x)))
+
+
+def _tensor_outputs(model: nn.Module, example: torch.Tensor, notes: list[str]) -> nn.Module:
+    """``model``, or :class:`_TensorOutputs` around it (noted with the output names) when its output is not a
+    tensor."""
+    with torch.no_grad():
+        out = model(example)
+    if isinstance(out, torch.Tensor):
+        return model
+    def name(path: tuple[Any, ...]) -> str:
+        return ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+    paths, _ = pytree.tree_flatten_with_path(out)
+    kept = [name(path) for path, leaf in paths if isinstance(leaf, torch.Tensor)]
+    dropped = [name(path) for path, leaf in paths if not isinstance(leaf, torch.Tensor)]
+    notes.append(f"structured output exported as the tuple of its tensors {', '.join(kept)}"
+                 + (f" (not exported, not tensors: {', '.join(dropped)})" if dropped else ""))
+    return _TensorOutputs(model)
+
+
 def _forward_arg_name(model: nn.Module) -> str:
     import inspect
 
@@ -292,11 +322,16 @@ def _run_onnx(path: Path, inputs: list[torch.Tensor], reference: Callable[[torch
     for x in inputs:
         shape = tuple(x.shape)
         try:
+            ref = reference(x)
+        except Exception as e:  # noqa: BLE001 - the model itself takes only some sizes (e.g. a flattening latent)
+            checks.append(ExportCheck(shape, float("inf"), atol, f"the PyTorch model refuses it: {_short(e, 200)}"))
+            continue
+        try:
             got = session.run(None, {name: x.detach().cpu().numpy()})
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types; recorded in the report
             checks.append(ExportCheck(shape, float("inf"), atol, f"onnxruntime: {str(e).splitlines()[0][:200]}"))
             continue
-        checks.append(_compare(reference(x), [torch.from_numpy(g) for g in got], shape, atol, rtol))
+        checks.append(_compare(ref, [torch.from_numpy(g) for g in got], shape, atol, rtol))
     return checks
 
 
@@ -338,7 +373,9 @@ def export_onnx(
     start = time.perf_counter()
     notes: list[str] = []
     exporters = ["dynamo", "torchscript"] if exporter == "auto" else [exporter]
-    arg = _forward_arg_name(model)
+    with _tracing(na_backend):
+        traced_model = _tensor_outputs(model, example_input, notes)
+    arg = _forward_arg_name(traced_model)
     attempts = [(w, b, sp) for w in exporters for b, sp in _attempts(dynamic_batch, dynamic_spatial)]
 
     def reference(x: torch.Tensor) -> Any:
@@ -355,13 +392,13 @@ def export_onnx(
             with _tracing(na_backend):
                 if which == "dynamo":
                     dyn = _dynamic_shapes(example_input, batch, spatial)
-                    torch.onnx.export(model, (_trace_input(example_input, batch),), str(path), dynamo=True,
+                    torch.onnx.export(traced_model, (_trace_input(example_input, batch),), str(path), dynamo=True,
                                       opset_version=opset, dynamic_shapes={arg: dyn} if dyn else None,
                                       verbose=False, input_names=["input"], external_data=False)
                 else:
                     axes = {i: a for i, a in _axis_names(example_input.dim()).items()
                             if (i == 0 and batch) or (i >= 2 and spatial)}
-                    torch.onnx.export(model, (example_input,), str(path), dynamo=False, opset_version=opset,
+                    torch.onnx.export(traced_model, (example_input,), str(path), dynamo=False, opset_version=opset,
                                       input_names=["input"], dynamic_axes={"input": axes} if axes else None)
         except Exception as e:  # noqa: BLE001 - every exporter failure is reported, the last one raised
             notes.append(f"{which} exporter, {what}: {describe_failure(e)}")
@@ -456,7 +493,8 @@ def export_torch(
                     torch.export.save(program, str(path))
                     dyn_axes = _program_dynamic_axes(program, names)
                 else:
-                    traced = torch.jit.trace(model, (example_input,), check_trace=False, strict=False)
+                    flat = _tensor_outputs(model, example_input, notes)  # one attempt only
+                    traced = torch.jit.trace(flat, (example_input,), check_trace=False, strict=False)
                     torch.jit.save(traced, str(path))
                     dyn_axes = {i: a for i, a in names.items() if (i == 0 and batch) or (i >= 2 and spatial)}
         except Exception as e:  # noqa: BLE001 - every failure is reported, the last one raised
@@ -497,7 +535,12 @@ def _check_torch(model: nn.Module, path: Path, format: str, example: torch.Tenso
     checks = []
     for x in inputs:
         with torch.no_grad():
-            ref = model(x)
+            try:
+                ref = model(x)
+            except Exception as e:  # noqa: BLE001 - the model itself takes only some sizes
+                checks.append(ExportCheck(tuple(x.shape), float("inf"), atol,
+                                          f"the PyTorch model refuses it: {_short(e, 200)}"))
+                continue
             try:
                 got = _leaves(loaded(x))
             except Exception as e:  # noqa: BLE001 - a program that cannot run this shape is a failed check

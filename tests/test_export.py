@@ -79,6 +79,23 @@ def test_traced_exports_of_karat_and_biformer(tmp_path):
     assert report.ok and report.dynamic_axes == {0: "batch", 2: "H", 3: "W"}, report.summary()
 
 
+def test_structured_output_exports_as_its_tensors_and_a_size_the_model_refuses_fixes_the_axes(tmp_path):
+    """HybridGNet returns a dict (landmarks, ..., a non-tensor input_size) and takes exactly 128x128."""
+    from attnseg.registry import MODELS
+
+    model = MODELS.get("test_hybridgnet_2igsc")().eval()
+    report = export_torch(model, _x(1, 1, 128, 128), tmp_path / "h.ts", format="torchscript", name="hybridgnet")
+    assert report.ok and report.dynamic_axes == {}, report.summary()
+    assert report.notes[0] == ("structured output exported as the tuple of its tensors landmarks, pos1, pos2, mu, "
+                               "logvar, downsample (not exported, not tensors: input_size.0, input_size.1)")
+    assert "the PyTorch model refuses it: InputSizeError" in report.notes[1]
+    loaded = torch.jit.load(str(tmp_path / "h.ts"))
+    x = _x(1, 1, 128, 128, seed=5)
+    with torch.no_grad():
+        landmarks, *_ = loaded(x)
+        torch.testing.assert_close(landmarks, model(x)["landmarks"], atol=1e-5, rtol=1e-5)
+
+
 def test_torch_export_needs_pt2_suffix(tmp_path):
     with pytest.raises(ValueError, match=r"\.pt2"):
         export_torch(BACKBONES.get("test_mambaout")(), _x(1, 3, 64, 64), tmp_path / "m.bin")
