@@ -282,6 +282,16 @@ class EMAConfig(Strict):
     decay: float = Field(0.999, gt=0, lt=1)
 
 
+class NonFiniteLossConfig(Strict):
+    """What a NaN or infinite training loss does (see ``attnseg.engine.nonfinite``)."""
+
+    action: Literal["stop", "skip", "lower_scale"] = Field(
+        "stop", description="stop: raise with the step, samples and loss terms; skip: skip the batch (one process "
+                            "only); lower_scale: let fp16's gradient scaler skip the step and lower its scale "
+                            "(precision 16-mixed)")
+    max_consecutive: int = Field(20, ge=1, description="non-finite steps in a row that skip / lower_scale tolerate")
+
+
 class TrainerConfig(Strict):
     max_epochs: int | None = Field(10, ge=1)
     max_steps: int = Field(-1, ge=-1, description="-1: use max_epochs")
@@ -302,6 +312,7 @@ class TrainerConfig(Strict):
     progress_bar: Literal["rich", "tqdm", "none"] = "rich"
     checkpoint: CheckpointConfig = CheckpointConfig()
     ema: EMAConfig = EMAConfig()
+    nonfinite_loss: NonFiniteLossConfig = NonFiniteLossConfig()
 
     @model_validator(mode="before")
     @classmethod
@@ -688,6 +699,9 @@ def validate_config(data: dict[str, Any], source: str | None = None) -> Experime
                             "whole image, which windows cannot blend; set it to false")
         if kind == "landmarks":
             _check_landmark_templates(cfg, problems)
+    if cfg is not None and cfg.trainer.nonfinite_loss.action == "lower_scale" and cfg.trainer.precision != "16-mixed":
+        problems.append(f"trainer.nonfinite_loss.action: 'lower_scale' needs trainer.precision: 16-mixed (only fp16 "
+                        f"mixed precision has a loss scale), got '{cfg.trainer.precision}'; use 'stop' or 'skip'")
     if cfg is not None and cfg.data.volume is not None:
         if cfg.model.spatial_dims != 3:
             problems.append("data.volume: MONAI volume transforms need 3D data (model.spatial_dims: 3); use "

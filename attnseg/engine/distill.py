@@ -292,10 +292,12 @@ class DistillationTask(ClassificationTask):
             "tokens": self.dist.token_weight * token_distillation_loss(student["features"], teacher["features"]),
         }
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         images, targets = self._mix(batch["image"], batch["label"])
         terms = self.distillation_losses(images, targets)
-        loss = sum(terms.values())
+        loss = self._guard(sum(terms.values()), batch, batch_idx, terms=terms)
+        if loss is None:
+            return None
         n = images.shape[0]
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=n, sync_dist=True)
         self.log_dict({f"train/loss_{k}": v.detach() for k, v in terms.items()}, on_step=True, on_epoch=True,

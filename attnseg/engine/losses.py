@@ -162,8 +162,12 @@ class DiceCELoss(SegmentationLoss):
                              class_weights=class_weights)
         self.ce = CrossEntropyLoss(num_classes, ignore_index, class_weights, label_smoothing)
 
+    def terms(self, logits: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The weighted terms ``{"dice", "ce"}`` (they sum to the loss)."""
+        return {"dice": self.lambda_dice * self.dice(logits, target), "ce": self.lambda_ce * self.ce(logits, target)}
+
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return self.lambda_dice * self.dice(logits, target) + self.lambda_ce * self.ce(logits, target)
+        return sum(self.terms(logits, target).values())
 
 
 class FocalLoss(SegmentationLoss):

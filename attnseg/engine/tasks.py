@@ -21,7 +21,9 @@ from torch import nn
 from attnseg.config import EvaluationConfig, ExperimentConfig, OptimizerConfig, SchedulerConfig
 from attnseg.engine.inference import predict_logits
 from attnseg.engine.metrics import SegmentationMetrics
+from attnseg.engine.nonfinite import NonFiniteLossGuard
 from attnseg.engine.optim import build_optimizer, build_scheduler
+from attnseg.errors import ConfigError
 from attnseg.heads._common import label_map
 
 __all__ = ["SegmentationTask", "ClassificationTask"]
@@ -36,6 +38,22 @@ class _Task(pl.LightningModule):
         # The config (plain data) travels in every checkpoint; the model itself is in state_dict.
         self.save_hyperparameters({"config": config})
         self._cfg = ExperimentConfig.model_validate(config)
+        guard = self._cfg.trainer.nonfinite_loss
+        self.nonfinite = NonFiniteLossGuard(guard.action, guard.max_consecutive)
+
+    def on_fit_start(self) -> None:
+        if self.nonfinite.action == "skip" and self.trainer.world_size > 1:
+            raise ConfigError(f"trainer.nonfinite_loss.action: 'skip' works in one process only (a rank skipping "
+                              f"its backward pass leaves the other {self.trainer.world_size - 1} waiting for its "
+                              "gradients); use 'stop', or 'lower_scale' with precision 16-mixed")
+
+    def _guard(self, loss: torch.Tensor, batch: dict[str, Any], batch_idx: int, output: Any = None,
+               terms: Any = None) -> torch.Tensor | None:
+        """``loss``, or None to skip the batch, as ``trainer.nonfinite_loss`` says (attnseg.engine.nonfinite)."""
+        checked = self.nonfinite.check(loss, self.global_step, self.current_epoch, batch_idx, batch, output, terms)
+        if self.nonfinite.total:
+            self.log("train/nonfinite_steps", float(self.nonfinite.total), on_step=True, on_epoch=False)
+        return checked
 
     @property
     def cfg(self) -> ExperimentConfig:
@@ -148,9 +166,17 @@ class SegmentationTask(_Task):
         return diff.norm(dim=-1).mean(-1)
 
     # -- steps ---------------------------------------------------------------------------------------
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+    def _loss_terms(self, output: Any, target: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        terms = getattr(self.loss_fn, "terms", None)
+        return terms(output, target) if callable(terms) else None
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         output = self.model(batch["image"])
-        loss = self.loss_fn(output, self._target(batch))
+        target = self._target(batch)
+        loss = self._guard(self.loss_fn(output, target), batch, batch_idx, output,
+                           lambda: self._loss_terms(output, target))
+        if loss is None:
+            return None
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=batch["image"].shape[0],
                  sync_dist=True)
         return loss
@@ -244,10 +270,13 @@ class ClassificationTask(_Task):
             images = lam * images + (1 - lam) * images[perm]
         return images, lam * targets + (1 - lam) * targets[perm]
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         images, targets = self._mix(batch["image"], batch["label"])
         logits = self.model(images)
         loss = F.cross_entropy(logits, targets, label_smoothing=self.cfg.classification.label_smoothing)
+        loss = self._guard(loss, batch, batch_idx, logits)  # the unmixed images: which samples hold NaN
+        if loss is None:
+            return None
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=images.shape[0],
                  sync_dist=True)
         return loss
