@@ -72,7 +72,31 @@ def _read_yaml(path: Path, included_from: Path | None) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level of a config must be a mapping, got {type(data).__name__}")
+    _check_tree(data, path)
     return data
+
+
+_MAX_CONFIG_ENTRIES = 100_000
+
+
+def _check_tree(data: Any, path: Path) -> None:
+    """Refuse what YAML aliases can build: a mapping or list that contains itself (``a: &x {b: *x}``), or a tree
+    that expands to more entries than any config has (nested aliases, "billion laughs")."""
+    seen = 0
+    stack: list[tuple[Any, str, tuple[int, ...]]] = [(data, "", ())]
+    while stack:
+        node, where, ancestors = stack.pop()
+        seen += 1
+        if seen > _MAX_CONFIG_ENTRIES:
+            raise ConfigError(f"{path}: more than {_MAX_CONFIG_ENTRIES} entries once its YAML aliases are expanded; "
+                              "a config is far smaller")
+        if not isinstance(node, (dict, list)):
+            continue
+        if id(node) in ancestors:
+            raise ConfigError(f"{path}: '{where or '(top level)'}' contains itself through a YAML alias")
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        for key, value in items:
+            stack.append((value, f"{where}.{key}" if where else str(key), (*ancestors, id(node))))
 
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
