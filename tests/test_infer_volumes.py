@@ -127,9 +127,13 @@ def test_bad_volume_inputs_are_named_before_anything_runs(tmp_path, capsys):
     expect_error(capsys, infer.main, [*args, str(tmp_path / "empty")], "no NIfTI files and no DICOM", "empty")
     write_scan(tmp_path / "good.nii.gz", shape=(16, 16, 16))
     (tmp_path / "bad.nii.gz").write_bytes(b"\x1f\x8b not really gzip")
-    expect_error(capsys, infer.main, [*args, str(tmp_path / "good.nii.gz"), str(tmp_path / "bad.nii.gz")],
-                 "bad.nii.gz")
-    assert not (out / "good_seg.nii.gz").exists()  # checked before the first prediction
+    # every header is checked before the first prediction; the bad case is named at once and at the end, the
+    # good one is segmented
+    assert infer.main([*args, str(tmp_path / "bad.nii.gz"), str(tmp_path / "good.nii.gz")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("skipped ") and "bad.nii.gz (not a NIfTI file, or damaged)" in err.split("\n")[0]
+    assert "\nerror: 1 of 2 volumes could not be segmented (the other 1 were written): case 'bad'" in err
+    assert (out / "good_seg.nii.gz").exists() and "Traceback" not in err
     (tmp_path / "x").mkdir()
     write_scan(tmp_path / "x" / "good.nii.gz", shape=(16, 16, 16))
     expect_error(capsys, infer.main, [*args, str(tmp_path / "good.nii.gz"), str(tmp_path / "x")],

@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 
 from attnseg.errors import AttnsegError
 
-__all__ = ["add_config_args", "run_main"]
+__all__ = ["add_config_args", "run_main", "user_message"]
 
 
 def add_config_args(parser: argparse.ArgumentParser, *, positional: bool = True, required: bool = True,
@@ -25,13 +25,26 @@ def add_config_args(parser: argparse.ArgumentParser, *, positional: bool = True,
     )
 
 
+def user_message(error: AttnsegError) -> str:
+    """The message of ``error``; for one re-raised from a data-loader worker (PyTorch puts the worker's whole
+    traceback in it), the original message and the worker, e.g. ``cannot read image a.png ... (data-loader worker
+    1)``."""
+    text = str(error)
+    if not (text.startswith("Caught ") and "Original Traceback" in text):
+        return text
+    where = text.split("\n", 1)[0].removeprefix(f"Caught {type(error).__name__} in ").rstrip(".")
+    marker = f"{type(error).__module__}.{type(error).__qualname__}: "
+    original = text[text.rindex(marker) + len(marker):].strip() if marker in text else text.splitlines()[-1]
+    return f"{original} ({where.replace('DataLoader worker process', 'data-loader worker')})"
+
+
 def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
     """Run ``main``; a user error prints ``error: <message>`` (no traceback) and exits with status 2."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return main(argv)
     except AttnsegError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {user_message(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from attnseg.cli.common import add_config_args, run_main
-from attnseg.errors import ConfigError, DataError
+from attnseg.errors import ConfigError, DataError, InputSizeError
 from attnseg.visualize import overlay_image
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
@@ -162,11 +162,20 @@ def _infer_volumes(args: argparse.Namespace, cfg: Any, model: torch.nn.Module,
     from attnseg.engine.volume_inference import VolumePredictor, as_closest_ras, read_volume, save_like
     from attnseg.visualize import volume_montage
 
-    # Check every NIfTI header before predicting anything (a bad file found after an hour helps no one).
+    # Check every NIfTI header before predicting anything (a bad file found after an hour helps no one): the cases
+    # that fail are reported now and at the end, the others are segmented.
     header_check = CaseLoader(prepare=lambda d: d, label_values=[0], in_chans=cfg.model.in_chans)
+    failed: list[tuple[str, str]] = []
     for name, files in cases:
         if not (len(files) == 1 and is_dicom_input(files[0])):
-            header_check.inspect(Case(name, tuple(files)))
+            try:
+                header_check.inspect(Case(name, tuple(files)))
+            except (DataError, InputSizeError) as e:
+                failed.append((", ".join(map(str, files)), str(e)))
+                if len(cases) > 1:
+                    print(f"skipped {failed[-1][0]}: {e}", file=sys.stderr)
+    bad = {f for f, _ in failed}
+    todo = [(name, files) for name, files in cases if ", ".join(map(str, files)) not in bad]
     n_cls = max(cfg.model.num_classes, 2)
     values = _checkpoint_label_values(args.checkpoint)
     lut = np.asarray(values if values and len(values) == n_cls else range(n_cls), dtype=np.int64)
@@ -175,9 +184,15 @@ def _infer_volumes(args: argparse.Namespace, cfg: Any, model: torch.nn.Module,
                                 sw_batch_size=args.sw_batch_size, tta=args.tta, device=args.device,
                                 progress=args.progress)
     out_dir = Path(args.out)
-    for name, files in tqdm(cases, desc="volumes", unit="vol", disable=not args.progress or len(cases) < 2):
-        volume = read_volume(files, in_chans=cfg.model.in_chans, series_uid=args.series_uid, name=name)
-        pred = predictor(volume, probabilities=args.probabilities)
+    for name, files in tqdm(todo, desc="volumes", unit="vol", disable=not args.progress or len(todo) < 2):
+        try:
+            volume = read_volume(files, in_chans=cfg.model.in_chans, series_uid=args.series_uid, name=name)
+            pred = predictor(volume, probabilities=args.probabilities)
+        except (DataError, InputSizeError) as e:
+            failed.append((", ".join(map(str, files)), str(e)))
+            if len(cases) > 1:
+                tqdm.write(f"skipped {failed[-1][0]}: {e}", file=sys.stderr)
+            continue
         seg = save_like(lut[pred.labels].astype(dtype), volume.affine, out_dir / f"{name}_seg.nii.gz", volume.header)
         written = [seg]
         if pred.probabilities is not None:
@@ -192,7 +207,19 @@ def _infer_volumes(args: argparse.Namespace, cfg: Any, model: torch.nn.Module,
         tqdm.write(f"{', '.join(str(f) for f in files)} -> {', '.join(str(w) for w in written)} "
                    f"(grid {list(pred.labels.shape)}, predicted on {list(pred.processed_shape)}; foreground voxels per "
                    f"class {counts.tolist()})")
+    _report_failures(failed, len(cases), "volumes")
     return 0
+
+
+def _report_failures(failed: list[tuple[str, str]], total: int, what: str) -> None:
+    """Raise a :class:`DataError` listing the inputs that could not be segmented (the others were written)."""
+    if not failed:
+        return
+    if total == 1:
+        raise DataError(failed[0][1])
+    listed = "; ".join(message if name in message else f"{name}: {message}" for name, message in failed)
+    raise DataError(f"{len(failed)} of {total} {what} could not be segmented (the other {total - len(failed)} "
+                    f"were written): {listed}")
 
 
 def _main(argv: Sequence[str] | None) -> int:
@@ -294,8 +321,15 @@ def _infer_images(args: argparse.Namespace, cfg: Any, model: torch.nn.Module, fi
     # Windows and flips of a head with its own probability rule (connectivity votes) are averaged as probabilities.
     by_probabilities = blends_probabilities(model) and not landmarks
 
+    failed: list[tuple[str, str]] = []
     for path in tqdm(files, desc="images", unit="img", disable=not args.progress or len(files) < 2):
-        image = convert_channels(read_image(path), cfg.model.in_chans, path)  # [H, W, C] float in 0..1
+        try:
+            image = convert_channels(read_image(path), cfg.model.in_chans, path)  # [H, W, C] float in 0..1
+        except (DataError, InputSizeError) as e:  # reported at the end; the other files go on
+            failed.append((str(path), str(e)))
+            if len(files) > 1:
+                tqdm.write(f"skipped {path}: {e}", file=sys.stderr)
+            continue
         x = normalize({"image": torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)})["image"]
         x = x[None].to(args.device)
         # A landmark model sees the whole image (its contours cannot be blended from windows); one with a fixed
@@ -326,6 +360,7 @@ def _infer_images(args: argparse.Namespace, cfg: Any, model: torch.nn.Module, fi
         if landmarks:
             _write_landmarks(out_dir, path, output["landmarks"][0].float().cpu().numpy(), head.template, image, n_cls)
         tqdm.write(f"{path} -> {out_dir / (path.stem + '_mask.png')} ({mask.shape[1]}x{mask.shape[0]})")
+    _report_failures(failed, len(files), "images")
     return 0
 
 
