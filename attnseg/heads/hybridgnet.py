@@ -226,13 +226,19 @@ class HybridGNetHead(nn.Module):
         v = deep.flatten(1) if self.latent == "flatten" else deep.mean(dim=(2, 3))
         return self.fc_mu(v), self.fc_logvar(v)
 
+    def check_input_size(self, size: Sequence[int]) -> None:
+        """Raise :class:`InputSizeError` unless a (padded) input of spatial ``size`` fits: exactly ``input_size`` with
+        the flattening latent. A Segmentor asks before running its backbone."""
+        if self.latent == "flatten" and tuple(int(s) for s in size) != tuple(self.input_size):
+            raise InputSizeError(f"HybridGNetHead with latent='flatten' needs a (padded) input of exactly "
+                                 f"{list(self.input_size)} (its fc_mu flattens the deepest map), got "
+                                 f"{[int(s) for s in size]}; resize the images to input_size, or use "
+                                 "latent='avgpool' for any size")
+
     def forward(self, features: Sequence[torch.Tensor], image: torch.Tensor) -> dict[str, Any]:
         check_head_inputs(self, features, image)
         size = tuple(int(s) for s in image.shape[2:])
-        if self.latent == "flatten" and size != self.input_size:
-            raise InputSizeError(f"HybridGNetHead with latent='flatten' needs a (padded) input of exactly "
-                                 f"{list(self.input_size)} (its fc_mu flattens the deepest map), got {list(size)}; "
-                                 "resize the images to input_size, or use latent='avgpool' for any size")
+        self.check_input_size(size)
         mu, logvar = self.encode(features[self.latent_level])
         z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu) if self.training else mu
         x = F.relu(self.dec_lin(z)).reshape(z.shape[0], -1, self.filters[6])  # [B, M, f6]

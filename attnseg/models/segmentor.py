@@ -154,7 +154,16 @@ class Segmentor(nn.Module):
             raise InputSizeError(f"the model expects {self.in_chans} input channels, got {x.shape[1]} "
                                  f"(input shape {list(x.shape)})")
         size = tuple(x.shape[2:])
-        pad = [p - n for p, n in zip(self.padded_size(size), size)]
+        padded = self.padded_size(size)
+        check = getattr(self.head, "check_input_size", None)
+        if check is not None:  # a head with a fixed input (HybridGNet's flattening latent) refuses before the backbone
+            try:
+                check(padded)
+            except InputSizeError as e:
+                if tuple(padded) == size:
+                    raise
+                raise InputSizeError(f"input of size {list(size)} (padded to {list(padded)}): {e}") from None
+        pad = [p - n for p, n in zip(padded, size)]
         if any(pad):
             x = F.pad(x, [v for extra in reversed(pad) for v in (0, extra)])  # F.pad lists the last axis first
         features = self.backbone.forward_pyramid(x)
