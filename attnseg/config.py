@@ -337,6 +337,8 @@ class TrainerConfig(Strict):
     checkpoint: CheckpointConfig = CheckpointConfig()
     ema: EMAConfig = EMAConfig()
     nonfinite_loss: NonFiniteLossConfig = NonFiniteLossConfig()
+    memory_check: bool = Field(True, description="estimate the training memory from one sample before training and "
+                                                 "warn when the device has less free (attnseg.engine.memory)")
 
     @model_validator(mode="before")
     @classmethod

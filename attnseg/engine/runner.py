@@ -13,11 +13,13 @@ uninterrupted run's (CPU, deterministic, ``num_workers: 0``).
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -253,6 +255,27 @@ def build_trainer(cfg: ExperimentConfig, work_dir: Path, *, for_test: bool = Fal
 # -- entry points -------------------------------------------------------------------------------------
 
 
+def _check_memory(cfg: ExperimentConfig, model: torch.nn.Module, train_set: Any) -> None:
+    """Estimate the training memory from one training sample (a forward pass at batch 1 on the CPU: the saved
+    tensors' sizes do not depend on the device) and warn when it exceeds the training device's free memory."""
+    from attnseg.engine.memory import available_memory, check_training_memory, estimate_training_memory
+
+    python_rng, numpy_rng, torch_rng = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    try:  # the sample's random augmentation must not shift the training's random streams
+        item = train_set[0]
+    finally:
+        random.setstate(python_rng)
+        np.random.set_state(numpy_rng)
+        torch.set_rng_state(torch_rng)
+    samples = item if isinstance(item, list) else [item]  # several crops of one volume per item
+    t = cfg.trainer
+    gpu = t.accelerator in ("gpu", "cuda") or (t.accelerator == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda" if gpu and torch.cuda.is_available() else "cpu")
+    estimate = estimate_training_memory(model, samples[0]["image"][None].float(), cfg.data.batch_size * len(samples),
+                                        cfg.optimizer.name, t.precision)
+    check_training_memory(estimate, available_memory(device), str(device))
+
+
 def train(cfg: ExperimentConfig, *, resume: bool = False, work_dir: Path | None = None,
           callbacks: list[pl.Callback] | None = None) -> dict[str, Any]:
     """Fit ``cfg``; with ``resume`` continue from ``<work_dir>/checkpoints/last.ckpt``.
@@ -294,6 +317,8 @@ def train(cfg: ExperimentConfig, *, resume: bool = False, work_dir: Path | None 
             f"another --work-dir (or remove that folder)"
         )
     task = build_task(cfg, train_set)
+    if cfg.trainer.memory_check:
+        _check_memory(cfg, task.model, train_set)
     trainer = build_trainer(cfg, work_dir, callbacks=callbacks)
     work_dir.mkdir(parents=True, exist_ok=True)
     (work_dir / "config.yaml").write_text(dump_config(cfg))
