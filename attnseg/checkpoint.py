@@ -59,7 +59,8 @@ from attnseg.errors import CheckpointError
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["LoadReport", "adapt_input_conv", "load_pretrained", "read_state_dict", "save_state_dict_atomic"]
+__all__ = ["LoadReport", "adapt_input_conv", "load_pretrained", "read_state_dict", "safe_torch_load",
+           "save_state_dict_atomic"]
 
 _WRAPPER_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model", "module", "model_weights")
 _PREFIXES = ("model.", "module.", "_orig_mod.", "backbone.")
@@ -128,12 +129,22 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         except Exception as e:  # noqa: BLE001 - safetensors raises several types for a bad file
             raise CheckpointError(f"cannot read safetensors file {path}: {e}") from None
+    return _unwrap(safe_torch_load(path), path)
+
+
+def safe_torch_load(path: str | os.PathLike, mmap: bool = False) -> Any:
+    """``torch.load(path, weights_only=True)`` (tensors, containers, numbers, strings and numpy scalars only) with
+    a :class:`CheckpointError` that names the file when it is not a PyTorch file, cannot be read, or holds objects
+    whose unpickling would execute code (which never runs)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
     if not _looks_like_torch_file(path):
         raise CheckpointError(f"cannot read checkpoint {path}: not a PyTorch file (neither a torch.save zip archive "
                               "nor a pickle) and not named .safetensors")
     try:
         with torch.serialization.safe_globals(_numpy_scalar_globals()):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         m = re.search(r"WeightsUnpickler error:\s*(.*?)(?:\n\n|$)", str(e), flags=re.DOTALL)
         reason = (m.group(1) if m else str(e).splitlines()[0]).strip().split(". ")[0][:200]
@@ -144,7 +155,6 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         ) from None
     except Exception as e:  # noqa: BLE001 - truncated zip, corrupt records, ...
         raise CheckpointError(f"cannot read checkpoint {path}: {e}") from None
-    return _unwrap(obj, path)
 
 
 def _numpy_scalar_globals() -> list[Any]:

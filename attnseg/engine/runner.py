@@ -25,7 +25,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from attnseg.checkpoint import save_state_dict_atomic
+from attnseg.checkpoint import safe_torch_load, save_state_dict_atomic
 from attnseg.config import ExperimentConfig, dump_config
 from attnseg.datasets import collate
 from attnseg.errors import CheckpointError, ConfigError, DataError
@@ -306,6 +306,7 @@ def train(cfg: ExperimentConfig, *, resume: bool = False, work_dir: Path | None 
         if not last.is_file():
             raise CheckpointError(f"--resume: no checkpoint to resume from at {last}")
         ckpt_path = str(last)
+        safe_torch_load(last, mmap=True)  # a file needing code execution is refused with its name before Lightning
         for partial in sorted(ckpt_dir.glob(".*.ckpt.*.tmp")):  # save_state_dict_atomic's unfinished writes
             logging.getLogger(__name__).warning("removing %s: a checkpoint write the previous run did not finish",
                                                 partial)
