@@ -306,9 +306,9 @@ How it works:
   count `ceil(box width)` is 4 instead of 3 for the 1-2% of boxes whose float32 width `(x + 2) - (x - 1)` rounds
   above 3 (as in the official code). A `mismatch` below can be such an input (other inputs and seeds tried matched
   to 1e-6); compare on your own data before relying on it.
-- Structured outputs (a dict: HybridGNet's landmarks, MSGA's training outputs) export to ONNX and TorchScript as the
-  tuple of their tensors in key order (the notes name them); non-tensor entries are left out. `torch.export` keeps
-  the dict.
+- Structured outputs (a dict or list: HybridGNet's landmarks, the Swin encoders' pyramids) export to ONNX and
+  TorchScript as the tuple of their tensors in order (the notes name them); non-tensor entries are left out.
+  `torch.export` keeps the structure.
 
 ## Which models export
 
