@@ -12,15 +12,9 @@ from PIL import Image
 from attnseg.cli import infer, train
 from attnseg.cli.common import user_message
 from attnseg.errors import DataError
-from tests.test_tools import tiny_cfg
+from tests import test_tools
 
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("trained")
-    cfg = tiny_cfg(tmp)
-    assert train.main([str(cfg)]) == 0
-    return cfg, tmp / "work" / "checkpoints" / "last.ckpt"
+trained = test_tools.trained  # the module-scoped fixture: a tiny trained 2D model
 
 
 def _bad_images(folder):

@@ -16,6 +16,7 @@ from attnseg.datasets.synthetic import SyntheticSegmentation
 from attnseg.engine.losses import DiceCELoss
 from attnseg.engine.nonfinite import NonFiniteLossError, NonFiniteLossGuard, describe_nonfinite_loss
 from attnseg.errors import ConfigError
+from tests.test_tools import tiny_cfg
 
 
 def _batch(nan_sample: int | None = None):
@@ -71,20 +72,13 @@ def test_dice_ce_terms_sum_to_the_loss():
     torch.testing.assert_close(terms["dice"] + terms["ce"], loss(logits, target))
 
 
-def _config(tmp_path, action=None, **trainer):
-    cfg = {
-        "work_dir": str(tmp_path / "work"),
-        "model": {"backbone": {"name": "test_mambaout"}, "head": {"name": "unetr", "feature_size": 8},
-                  "num_classes": 3},
-        "data": {"dataset": {"name": "synthetic2d", "num_classes": 3, "image_size": [32, 32], "num_train": 4,
-                             "num_val": 2, "num_test": 2}, "batch_size": 2},
-        "trainer": {"max_epochs": 1, "progress_bar": "none", "loggers": ["csv"], "accelerator": "cpu",
-                    "log_every_n_steps": 1, **trainer},
-        "evaluation": {"hd95": False},
-    }
+def _config(tmp_path, action=None):
+    """test_tools' tiny segmentation config, logging every step, with ``trainer.nonfinite_loss.action``."""
+    path = tiny_cfg(tmp_path)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["trainer"]["log_every_n_steps"] = 1
     if action:
         cfg["trainer"]["nonfinite_loss"] = {"action": action}
-    path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
 
