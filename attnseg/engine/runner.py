@@ -271,8 +271,12 @@ def _check_memory(cfg: ExperimentConfig, model: torch.nn.Module, train_set: Any)
     t = cfg.trainer
     gpu = t.accelerator in ("gpu", "cuda") or (t.accelerator == "auto" and torch.cuda.is_available())
     device = torch.device("cuda" if gpu and torch.cuda.is_available() else "cpu")
-    estimate = estimate_training_memory(model, samples[0]["image"][None].float(), cfg.data.batch_size * len(samples),
-                                        cfg.optimizer.name, t.precision)
+    try:
+        estimate = estimate_training_memory(model, samples[0]["image"][None].float(),
+                                            cfg.data.batch_size * len(samples), cfg.optimizer.name, t.precision)
+    except Exception as e:  # noqa: BLE001 - the estimate is advice; a model that cannot run fails in training itself
+        logging.getLogger(__name__).warning("no training memory estimate (%s: %s)", type(e).__name__, e)
+        return
     check_training_memory(estimate, available_memory(device), str(device))
 
 
