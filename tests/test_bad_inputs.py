@@ -47,7 +47,7 @@ def test_2d_inference_segments_the_good_files_and_names_each_bad_one(trained, tm
         mask = np.asarray(Image.open(out / f"{name}_mask.png"))
         assert mask.shape == (h, w) and mask.max() < 3, name
     error = err[err.index("error: "):]
-    assert error.startswith("error: 4 of 9 images could not be segmented (the other 5 were written): ")
+    assert error.startswith("error: 4 of 9 images could not be segmented (5 written): ")
     for name, reason in expected["refused"].items():
         assert not (out / f"{name}_mask.png").exists()
         line = next(ln for ln in err.splitlines() if ln.startswith(f"skipped {tmp_path / 'in' / name}"))
@@ -130,7 +130,7 @@ def test_3d_inference_of_bad_volumes(tmp_path, capsys):
     for name, shape in (("good", (20, 18, 16)), ("one", (1, 1, 1)), ("elongated", (2, 2, 300))):
         assert nib.load(str(out / f"{name}_seg.nii.gz")).shape == shape
     error = err[err.index("error: "):]
-    assert error.startswith("error: 4 of 7 volumes could not be segmented (the other 3 were written)")
+    assert error.startswith("error: 4 of 7 volumes could not be segmented (3 written)")
     for name, reason in (("truncated", "truncated or damaged file"), ("empty", "Empty file"),
                          ("nan", "NaN or infinite values"), ("twochannel", "2 channels")):
         assert not (out / f"{name}_seg.nii.gz").exists()

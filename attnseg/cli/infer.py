@@ -218,8 +218,8 @@ def _report_failures(failed: list[tuple[str, str]], total: int, what: str) -> No
     if total == 1:
         raise DataError(failed[0][1])
     listed = "; ".join(message if name in message else f"{name}: {message}" for name, message in failed)
-    raise DataError(f"{len(failed)} of {total} {what} could not be segmented (the other {total - len(failed)} "
-                    f"were written): {listed}")
+    raise DataError(f"{len(failed)} of {total} {what} could not be segmented ({total - len(failed)} written): "
+                    f"{listed}")
 
 
 def _main(argv: Sequence[str] | None) -> int:
