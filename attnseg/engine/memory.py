@@ -2,8 +2,9 @@
 
 The estimate adds, for the trainable parameters, their weights, gradients and optimizer state (AdamW: two moments;
 SGD with momentum: one), and for the activations, what autograd saves for the backward pass, measured on one sample
-of the training crop (a forward pass at batch 1 under ``torch.autograd.graph.saved_tensors_hooks``) times the batch
-size. Tensors saved twice are counted once; the frozen parts (a teacher, a frozen backbone) add their weights only.
+of the training crop (a forward pass under ``torch.autograd.graph.saved_tensors_hooks``) times the batch
+size (measured on two copies of the sample and halved: batch norm needs two values per channel). Tensors saved
+twice are counted once; the frozen parts (a teacher, a frozen backbone) add their weights only.
 It leaves out the allocator's fragmentation, the data loader and the framework itself, so it is a lower bound: the
 warning fires when even that does not fit. Mixed precision (``16-mixed``/``bf16-mixed``) halves the activations, as
 autocast stores most of them in 16 bits.
@@ -59,7 +60,7 @@ class MemoryEstimate:
 
 def _saved_bytes(model: nn.Module, sample: torch.Tensor) -> int:
     """Bytes of the distinct tensors autograd saves in one forward pass of ``sample`` (the storage of each counted
-    once: views of a saved tensor share it)."""
+    once: views of a saved tensor share it), parameters left out."""
     seen: dict[tuple[int, int], int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -98,7 +99,9 @@ def estimate_training_memory(model: nn.Module, sample: torch.Tensor, batch_size:
     model.train()
     try:
         with torch.random.fork_rng(devices=[]):
-            per_sample = _saved_bytes(model, sample)
+            # two copies of the sample: batch norm in training mode needs more than one value per channel (a
+            # stride-32 map of a small crop is 1x1); the few batch-independent saved tensors are halved with it
+            per_sample = _saved_bytes(model, sample.expand(2, *sample.shape[1:]).contiguous()) // 2
     finally:
         model.train(was_training)
         with torch.no_grad():

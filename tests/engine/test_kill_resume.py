@@ -197,9 +197,9 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, uninterrupted,
 
 
 def test_killed_at_random_moments_until_done(tmp_path, uninterrupted):
-    """SIGKILL from outside after a random delay (20-90% of an uninterrupted run's time, so the first run is always
-    killed), again and again, resuming each time (or starting afresh while no checkpoint exists), until a run
-    completes. The seed is in the failure message; ATTNSEG_KILL_SEED replays it."""
+    """SIGKILL from outside after a random delay (10-50% of an uninterrupted run's time for the first, fresh run, so
+    that it is killed; 20-90% afterwards), again and again, resuming each time (or starting afresh while no
+    checkpoint exists), until a run completes. The seed is in the failure message; ATTNSEG_KILL_SEED replays it."""
     seed = int(os.environ.get("ATTNSEG_KILL_SEED", time.time_ns() % 10_000))
     rng = random.Random(seed)
     cfg = _config(tmp_path / "cfg.yaml", tmp_path / "work")
@@ -212,7 +212,9 @@ def test_killed_at_random_moments_until_done(tmp_path, uninterrupted):
             for stale in ckpt_dir.iterdir():
                 stale.unlink()
         argv = [str(cfg), "--resume"] if resume else [str(cfg)]
-        rc = _run(tmp_path, f"run{attempt}", argv, kill_after=None if attempt == 11 else rng.uniform(0.2, 0.9) * duration)
+        # the first (fresh, whole) run is killed within half the uninterrupted run's time, so at least once
+        share = rng.uniform(0.1, 0.5) if attempt == 0 else rng.uniform(0.2, 0.9)
+        rc = _run(tmp_path, f"run{attempt}", argv, kill_after=None if attempt == 11 else share * duration)
         if rc == 0:
             break
         assert rc == -signal.SIGKILL, f"seed {seed}: " + (tmp_path / f"run{attempt}.log").read_text()[-3000:]
