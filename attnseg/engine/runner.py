@@ -308,7 +308,10 @@ def train(cfg: ExperimentConfig, *, resume: bool = False, work_dir: Path | None 
     if resume:
         last = ckpt_dir / "last.ckpt"
         if not last.is_file():
-            raise CheckpointError(f"--resume: no checkpoint to resume from at {last}")
+            others = sorted(p.name for p in ckpt_dir.glob("*.ckpt")) if ckpt_dir.is_dir() else []
+            hint = (f"; {ckpt_dir} holds only {', '.join(others)} (a run stopped before its first last.ckpt): start "
+                    "afresh in another --work-dir, or remove them") if others else ""
+            raise CheckpointError(f"--resume: no checkpoint to resume from at {last}{hint}")
         ckpt_path = str(last)
         safe_torch_load(last, mmap=True)  # a file needing code execution is refused with its name before Lightning
         for partial in sorted(ckpt_dir.glob(".*.ckpt.*.tmp")):  # save_state_dict_atomic's unfinished writes

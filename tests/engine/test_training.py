@@ -82,7 +82,12 @@ def test_resume_continues_steps_optimizer_and_schedule_exactly(tmp_path):
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
     from attnseg.errors import CheckpointError
 
-    with pytest.raises(CheckpointError, match="no checkpoint to resume from at .*last.ckpt"):
+    with pytest.raises(CheckpointError, match="no checkpoint to resume from at .*last.ckpt$"):
+        train(tiny_config(tmp_path), resume=True)
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "best-000.ckpt").write_bytes(b"")  # killed between the best and the last write
+    with pytest.raises(CheckpointError, match=r"holds only best-000.ckpt \(a run stopped before its first "
+                                              r"last.ckpt\): start afresh in another --work-dir, or remove them"):
         train(tiny_config(tmp_path), resume=True)
 
 
