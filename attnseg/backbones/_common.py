@@ -14,7 +14,13 @@ from attnseg.errors import InputSizeError
 
 __all__ = ["check_image_input", "reset_norm_linear_head", "init_linear_layernorm", "token_pyramid", "cls_token_head",
            "check_isotropic_args", "square_token_grid", "adapt_vit_embedding", "IMAGENET_MEAN", "IMAGENET_STD",
-           "PRETRAINED_CFG_KEYS", "pretrained_cfg_factory"]
+           "PRETRAINED_CFG_KEYS", "pretrained_cfg_factory", "is_traced"]
+
+
+def is_traced() -> bool:
+    """Whether the forward pass is being traced (``torch.compile``, ``torch.export`` or ``torch.jit.trace``): paths
+    that do not trace (sparse CSR tensors, custom autograd functions, size-dependent chunking) step aside then."""
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
 
 
 def check_image_input(model: nn.Module, x: torch.Tensor) -> None:

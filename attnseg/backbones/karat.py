@@ -79,6 +79,7 @@ from attnseg.backbones._common import (
     check_isotropic_args,
     cls_token_head,
     init_linear_layernorm,
+    is_traced,
     pretrained_cfg_factory,
     reset_norm_linear_head,
     square_token_grid,
@@ -313,9 +314,8 @@ def kan_phi(x: torch.Tensor, coeff: torch.Tensor, basis: KANBasis, row_chunk: in
     B, H, N = x.shape[:3]
     M = x.shape[3] if key is None else key.shape[2]
     trainable = any(p.requires_grad for p in basis.parameters())
-    # traced (export, compile, jit.trace): plain ops; the custom Function and the size-dependent chunking do not trace
-    tracing = torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
-    if tracing or not basis.analytic_derivative or (trainable and torch.is_grad_enabled()):
+    # traced: plain ops; the custom Function and the size-dependent chunking do not trace
+    if is_traced() or not basis.analytic_derivative or (trainable and torch.is_grad_enabled()):
         a = x if key is None else (x @ key.transpose(-1, -2)) * scale  # [B, h, N, M]
         return basis(a).reshape(B, H, N, -1) @ coeff  # [B, h, N, M nf] @ [h, M nf, r] -> [B, h, N, r]
     rows = row_chunk or max(1, _CHUNK_ELEMENTS // (B * H * M * basis.num_functions))

@@ -81,6 +81,7 @@ from attnseg.backbones._common import (
     check_isotropic_args,
     cls_token_head,
     init_linear_layernorm,
+    is_traced,
     pretrained_cfg_factory,
     reset_norm_linear_head,
     square_token_grid,
@@ -327,10 +328,9 @@ class SparseAttention(nn.Module):
         dropout = self.attn_drop.p > 0 and self.training
         # auto: the CSR kernels in CPU inference; with gradient, or on devices where they were never tested, the
         # masked formulation
-        # sparse CSR tensors have no autograd and cannot be traced (torch.compile / export / jit.trace)
-        tracing = torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
+        # sparse CSR tensors have no autograd and cannot be traced
         dense_auto = impl == "auto" and ((torch.is_grad_enabled() and x.requires_grad) or x.device.type != "cpu"
-                                         or tracing)
+                                         or is_traced())
         masked = (recon or return_attn or dropout or impl == "masked" or dense_auto
                   or not self.mask_predictor.score_topk)
         aux = self.mask_predictor(q, k, grid, recon=recon, mask=masked, token_index=token_index)

@@ -171,9 +171,7 @@ def _infer_volumes(args: argparse.Namespace, cfg: Any, model: torch.nn.Module,
             try:
                 header_check.inspect(Case(name, tuple(files)))
             except (DataError, InputSizeError) as e:
-                failed.append((", ".join(map(str, files)), str(e)))
-                if len(cases) > 1:
-                    print(f"skipped {failed[-1][0]}: {e}", file=sys.stderr)
+                _record_failure(failed, ", ".join(map(str, files)), e, len(cases))
     bad = {f for f, _ in failed}
     todo = [(name, files) for name, files in cases if ", ".join(map(str, files)) not in bad]
     n_cls = max(cfg.model.num_classes, 2)
@@ -189,9 +187,7 @@ def _infer_volumes(args: argparse.Namespace, cfg: Any, model: torch.nn.Module,
             volume = read_volume(files, in_chans=cfg.model.in_chans, series_uid=args.series_uid, name=name)
             pred = predictor(volume, probabilities=args.probabilities)
         except (DataError, InputSizeError) as e:
-            failed.append((", ".join(map(str, files)), str(e)))
-            if len(cases) > 1:
-                tqdm.write(f"skipped {failed[-1][0]}: {e}", file=sys.stderr)
+            _record_failure(failed, ", ".join(map(str, files)), e, len(cases))
             continue
         seg = save_like(lut[pred.labels].astype(dtype), volume.affine, out_dir / f"{name}_seg.nii.gz", volume.header)
         written = [seg]
@@ -209,6 +205,15 @@ def _infer_volumes(args: argparse.Namespace, cfg: Any, model: torch.nn.Module,
                    f"class {counts.tolist()})")
     _report_failures(failed, len(cases), "volumes")
     return 0
+
+
+def _record_failure(failed: list[tuple[str, str]], name: str, error: Exception, total: int) -> None:
+    """Add ``(name, message)`` to ``failed``; with several inputs also say at once that it is skipped."""
+    failed.append((name, str(error)))
+    if total > 1:
+        from tqdm import tqdm
+
+        tqdm.write(f"skipped {name}: {error}", file=sys.stderr)
 
 
 def _report_failures(failed: list[tuple[str, str]], total: int, what: str) -> None:
@@ -326,9 +331,7 @@ def _infer_images(args: argparse.Namespace, cfg: Any, model: torch.nn.Module, fi
         try:
             image = convert_channels(read_image(path), cfg.model.in_chans, path)  # [H, W, C] float in 0..1
         except (DataError, InputSizeError) as e:  # reported at the end; the other files go on
-            failed.append((str(path), str(e)))
-            if len(files) > 1:
-                tqdm.write(f"skipped {path}: {e}", file=sys.stderr)
+            _record_failure(failed, str(path), e, len(files))
             continue
         x = normalize({"image": torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)})["image"]
         x = x[None].to(args.device)

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch.utils import _pytree as pytree
 
 from attnseg.errors import AttnsegError
 
@@ -40,17 +41,9 @@ class NonFiniteLossError(AttnsegError, FloatingPointError):
 
 
 def _finite(x: Any) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in _tensors(x))
-
-
-def _tensors(x: Any) -> list[torch.Tensor]:
-    if isinstance(x, torch.Tensor):
-        return [x.detach()] if x.is_floating_point() or x.is_complex() else []
-    if isinstance(x, dict):
-        return [t for v in x.values() for t in _tensors(v)]
-    if isinstance(x, (list, tuple)):
-        return [t for v in x for t in _tensors(v)]
-    return []
+    """Whether every floating-point tensor in ``x`` (a tensor, or dicts/lists/tuples of them) is finite."""
+    return all(bool(torch.isfinite(t.detach()).all()) for t in pytree.tree_leaves(x)
+               if isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex()))
 
 
 def _sample_names(batch: dict[str, Any], n: int) -> list[str]:
